@@ -1,0 +1,139 @@
+"""EchoEngine: a real, deterministic engine with no ML dependencies, for tests and dry runs."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+import struct
+from collections.abc import AsyncIterator
+
+from deployments.engines.protocol import (
+    EmbeddingEngine,
+    EmbedRequest,
+    EmbedResult,
+    Engine,
+    GenerateChunk,
+    GenerateRequest,
+)
+from deployments.errors import EngineStartError, InvalidRequestError
+from models.spec import ModelSpec
+
+__all__ = ["EchoEngine"]
+
+_DEFAULT_CONTEXT = 4096
+_ALLOWED_KWARGS = {"dimensions", "token_delay_s", "fail_marker"}
+
+
+class EchoEngine(Engine, EmbeddingEngine):
+    """Echoes the last input back, one whitespace-separated word per token.
+
+    A completion of "a b c" with max_tokens=2 yields "a", " b" and finish_reason "length"; with
+    max_tokens >= 3 it yields all three words and "stop". Embeddings are unit vectors derived from a
+    hash of the text (`dimensions`, default 16). `token_delay_s` slows streaming for tests;
+    `fail_marker` makes a request whose input contains it fail after its first token, like an engine
+    crashing mid-request (for fault tests).
+    """
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__(spec)
+        self.context_length = spec.context_length or _DEFAULT_CONTEXT
+        self._dimensions = 16
+        self._token_delay_s = 0.0
+        self._fail_marker: str | None = None
+
+    async def start(self) -> None:
+        unknown = set(self.spec.engine_kwargs) - _ALLOWED_KWARGS
+        if unknown:
+            raise EngineStartError(
+                f"echo engine: unknown engine_kwargs {sorted(unknown)}; allowed: {sorted(_ALLOWED_KWARGS)}"
+            )
+        self._dimensions = int(self.spec.engine_kwargs.get("dimensions", 16))
+        self._token_delay_s = float(self.spec.engine_kwargs.get("token_delay_s", 0.0))
+        self._fail_marker = self.spec.engine_kwargs.get("fail_marker")
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+        if self.spec.task != "generate":
+            raise InvalidRequestError(f"model '{self.spec.id}' serves embeddings, not text generation", param="model")
+        if request.messages is not None:
+            prompt_words = [w for m in request.messages for w in m.content.split()]
+            source = request.messages[-1].content.split()
+            param = "messages"
+        else:
+            prompt_words = (request.prompt or "").split()
+            source = prompt_words
+            param = "prompt"
+        sampling = request.sampling
+        if sampling.max_tokens > self.spec.max_output_tokens:
+            raise InvalidRequestError(
+                f"max_tokens is {sampling.max_tokens}, above this model's limit of {self.spec.max_output_tokens}",
+                param="max_tokens",
+            )
+        if len(prompt_words) + sampling.max_tokens > self.context_length:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {self.context_length} tokens; the prompt has "
+                f"{len(prompt_words)} tokens and max_tokens asks for {sampling.max_tokens}. "
+                "Shorten the prompt or lower max_tokens.",
+                param=param,
+            )
+        failing = bool(self._fail_marker) and self._fail_marker in " ".join(source)
+        words = source or ["echo"]
+        count = min(sampling.max_tokens, len(words))
+        text_so_far = ""
+        for i in range(count):
+            piece = words[i] if i == 0 else " " + words[i]
+            candidate = text_so_far + piece
+            hit = next((s for s in sampling.stop if s and s in candidate), None)
+            if hit is not None:
+                cut = candidate[: candidate.index(hit)]
+                yield GenerateChunk(
+                    text=cut[len(text_so_far) :],
+                    prompt_tokens=len(prompt_words),
+                    completion_tokens=i + 1,
+                    finish_reason="stop",
+                )
+                return
+            text_so_far = candidate
+            if failing and i == 1:
+                raise RuntimeError(f"echo engine: simulated failure on marker {self._fail_marker!r}")
+            if self._token_delay_s:
+                await asyncio.sleep(self._token_delay_s)
+            last = i == count - 1
+            finish = None
+            if last:
+                finish = "stop" if count == len(words) else "length"
+            yield GenerateChunk(
+                text=piece, prompt_tokens=len(prompt_words), completion_tokens=i + 1, finish_reason=finish
+            )
+
+    async def embed(self, request: EmbedRequest) -> EmbedResult:
+        if self.spec.task != "embed":
+            raise InvalidRequestError(f"model '{self.spec.id}' generates text, not embeddings", param="model")
+        vectors = []
+        tokens = 0
+        for i, text in enumerate(request.inputs):
+            words = text.split()
+            if len(words) > self.context_length:
+                raise InvalidRequestError(
+                    f"input[{i}] has {len(words)} tokens, above this model's context of {self.context_length}",
+                    param="input",
+                )
+            tokens += len(words)
+            vectors.append(self._vector(text))
+        return EmbedResult(embeddings=tuple(vectors), prompt_tokens=tokens)
+
+    def _vector(self, text: str) -> tuple[float, ...]:
+        raw: list[float] = []
+        counter = 0
+        while len(raw) < self._dimensions:
+            digest = hashlib.sha256(f"{counter}:{text}".encode()).digest()
+            raw.extend(v / 2**31 for v in struct.unpack("<8i", digest))
+            counter += 1
+        raw = raw[: self._dimensions]
+        if self.spec.normalize:
+            norm = math.sqrt(sum(v * v for v in raw)) or 1.0
+            raw = [v / norm for v in raw]
+        return tuple(raw)
+
+    async def check_health(self) -> None:
+        return None

@@ -1,0 +1,137 @@
+"""The engine interface: what a replica asks of the thing that runs one model, and its internal types.
+
+Engines never import Ray or FastAPI: they are driven with plain asyncio in unit tests.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from models.spec import FrozenModel, ModelSpec
+
+__all__ = [
+    "ChatMessage",
+    "EmbedRequest",
+    "EmbedResult",
+    "EmbeddingEngine",
+    "Engine",
+    "FinishReason",
+    "GenerateChunk",
+    "GenerateRequest",
+    "SamplingConfig",
+]
+
+FinishReason = Literal["stop", "length"]
+
+
+class SamplingConfig(FrozenModel):
+    """How to pick output tokens; already validated by the API layer."""
+
+    max_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+class ChatMessage(FrozenModel):
+    """One chat turn, already flattened to text."""
+
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str
+
+
+class GenerateRequest(FrozenModel):
+    """A generation request: either a raw `prompt` (completions) or `messages` (chat)."""
+
+    request_id: str
+    prompt: str | None = None
+    messages: tuple[ChatMessage, ...] | None = None
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+
+    @model_validator(mode="after")
+    def _one_input(self) -> GenerateRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("exactly one of `prompt` and `messages` must be given")
+        return self
+
+
+class GenerateChunk(FrozenModel):
+    """A piece of generated output. The last chunk of a stream carries `finish_reason`.
+
+    `completion_tokens` counts the tokens generated so far (cumulative), `prompt_tokens` the prompt's.
+    """
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: FinishReason | None = None
+
+
+class EmbedRequest(FrozenModel):
+    """A batch of texts to embed, from one client request."""
+
+    request_id: str
+    inputs: tuple[str, ...] = Field(min_length=1)
+
+
+class EmbedResult(FrozenModel):
+    """One vector per input, in input order, and the number of tokens read."""
+
+    embeddings: tuple[tuple[float, ...], ...]
+    prompt_tokens: int
+
+
+class Engine(abc.ABC):
+    """Runs one model inside one replica. Implementations: TransformersEngine, EchoEngine."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Load weights and tokenizer.
+
+        Raises:
+            EngineStartError: the model cannot be loaded.
+        """
+
+    @abc.abstractmethod
+    def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+        """Stream the output for one request (an async generator).
+
+        The request is validated (prompt length, output budget) before it joins any batch, so a bad
+        request fails alone.
+
+        Raises:
+            InvalidRequestError: the prompt does not fit the context, or the model cannot generate.
+            EngineError: the engine failed.
+        """
+
+    @abc.abstractmethod
+    async def check_health(self) -> None:
+        """Return if the engine can serve.
+
+        Raises:
+            EngineDeadError: the engine no longer answers.
+        """
+
+    async def shutdown(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
+        """Release what the engine holds."""
+
+
+class EmbeddingEngine(abc.ABC):
+    """Optional capability: engines that embed text mix this in."""
+
+    @abc.abstractmethod
+    async def embed(self, request: EmbedRequest) -> EmbedResult:
+        """Embed every input of the request.
+
+        Raises:
+            InvalidRequestError: an input is too long for the model.
+            EngineError: the engine failed.
+        """

@@ -1,0 +1,457 @@
+"""TransformersEngine: serves one Hugging Face model with PyTorch, batching concurrent requests on one worker thread.
+
+Imported only inside replica processes (it pulls in torch and transformers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jinja2
+import torch
+import torch.nn.functional as F  # noqa: N812 - the usual torch alias
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+from deployments.engines.batching import BatchStats, BatchWorker, WorkItem
+from deployments.engines.protocol import (
+    EmbeddingEngine,
+    EmbedRequest,
+    EmbedResult,
+    Engine,
+    FinishReason,
+    GenerateChunk,
+    GenerateRequest,
+    SamplingConfig,
+)
+from deployments.errors import EngineDeadError, EngineStartError, InvalidRequestError
+from models.spec import ModelSpec
+
+__all__ = ["TransformersEngine"]
+
+logger = logging.getLogger(__name__)
+
+_ALLOWED_KWARGS = ("num_threads", "pooling")
+_POOLING = ("mean", "cls")
+_SHUTDOWN_TIMEOUT_S = 10.0
+_GREEDY_BELOW = 1e-5  # temperatures this small would overflow the logits: treat them as greedy
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class _GenerateJob:
+    prompt_ids: list[int]
+    sampling: SamplingConfig
+
+
+class TransformersEngine(Engine, EmbeddingEngine):
+    """Runs a causal LM (`task='generate'`) or an encoder (`task='embed'`) from `spec.source`.
+
+    Concurrent requests are grouped into batches of up to `spec.batching.max_batch_size` on one worker
+    thread: a left-padded prefill, then a decode loop on the KV cache. A request that finishes (or whose
+    client goes away) is dropped from the batch; requests arriving meanwhile wait for the next batch.
+    `engine_kwargs`: `num_threads` (torch CPU threads; default `resources.num_cpus`, at least 1) and `pooling`
+    ('mean' or 'cls', embed only; default 'mean').
+    """
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__(spec)
+        self._worker: BatchWorker[Any] | None = None
+        self._tokenizer: Any = None  # used on the event loop: templates, encoding, validation
+        self._decoder: Any = None  # a second instance for the worker thread; HF tokenizers are not thread-safe
+        self._model: Any = None
+        self._device = torch.device("cpu")
+        self._context_length = 0
+        self._eos_ids: frozenset[int] = frozenset()
+        self._pad_id = 0
+        self._pooling = "mean"
+        self._logits_to_keep = False
+
+    @property
+    def stats(self) -> BatchStats:
+        """Batching counters (batches run, items, largest batch); zeros before `start`."""
+        return self._worker.stats if self._worker is not None else BatchStats()
+
+    @property
+    def context_length(self) -> int:
+        """Most tokens (prompt + output) per request; known after `start`."""
+        return self._context_length
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model runs; known after `start`."""
+        return self._device
+
+    async def start(self) -> None:
+        """Resolve the source, load tokenizer and model, and start the batching worker.
+
+        Raises:
+            EngineStartError: bad `engine_kwargs`, or the model cannot be loaded.
+        """
+        options = self._check_engine_kwargs()
+        try:
+            await asyncio.to_thread(self._load, options)
+        except EngineStartError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any loader failure becomes one typed error
+            raise EngineStartError(
+                f"cannot load model '{self.spec.id}' from '{self.spec.source}': {type(exc).__name__}: {exc}"
+            ) from exc
+        run_batch = self._generate_batch if self.spec.task == "generate" else self._embed_batch
+        self._worker = BatchWorker(
+            f"engine:{self.spec.id}",
+            run_batch,
+            max_batch_size=self.spec.batching.max_batch_size,
+            wait_timeout_s=self.spec.batching.batch_wait_timeout_s,
+        )
+        self._worker.start()
+        logger.info(
+            "model %s ready on %s (%s, context %d)", self.spec.id, self._device, self._model.dtype, self._context_length
+        )
+
+    async def check_health(self) -> None:
+        """Return if the worker thread runs.
+
+        Raises:
+            EngineDeadError: the engine was never started, was shut down, or its worker thread died.
+        """
+        if self._worker is None or not self._worker.is_alive():
+            raise EngineDeadError(f"the engine for model '{self.spec.id}' is not running")
+
+    async def shutdown(self) -> None:
+        """Stop the worker (bounded wait) and fail queued requests with `EngineDeadError`."""
+        if self._worker is not None:
+            await asyncio.to_thread(self._worker.stop, _SHUTDOWN_TIMEOUT_S)
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+        """Stream the output of one request; see `Engine.generate`.
+
+        Chunks carry only non-empty text deltas, except the last, which carries `finish_reason` and may
+        have empty text. `completion_tokens` counts generated tokens, EOS included.
+
+        Raises:
+            InvalidRequestError: the prompt is empty or does not fit, `max_tokens` is too large, or this
+                model does not generate.
+            EngineError: the batch this request ran in failed (`EngineDeadError` if the engine stopped).
+        """
+        job = self._prepare_generate(request)
+        worker = self._running_worker()
+        loop = asyncio.get_running_loop()
+        results: asyncio.Queue[object] = asyncio.Queue()
+        item: WorkItem[_GenerateJob] = WorkItem(job, loop, results.put_nowait)
+        worker.submit(item)
+        try:
+            while True:
+                value = await results.get()
+                if isinstance(value, BaseException):
+                    raise value
+                chunk: GenerateChunk = value  # type: ignore[assignment]
+                yield chunk
+                if chunk.finish_reason is not None:
+                    return
+        finally:
+            item.cancelled = True  # client gone or stream done: the worker stops spending steps on it
+
+    async def embed(self, request: EmbedRequest) -> EmbedResult:
+        """Embed every input; inputs of concurrent requests share forward passes.
+
+        Raises:
+            InvalidRequestError: an input is empty or longer than the context, or this model does not embed.
+            EngineError: the batch failed (`EngineDeadError` if the engine stopped).
+        """
+        if self.spec.task != "embed":
+            raise InvalidRequestError(f"model '{self.spec.id}' does not serve embeddings", param="model")
+        worker = self._running_worker()
+        encoded: list[list[int]] = self._tokenizer(list(request.inputs))["input_ids"]
+        for index, ids in enumerate(encoded):
+            if not ids or len(ids) > self._context_length:
+                raise InvalidRequestError(
+                    f"input {index} has {len(ids)} tokens; this model accepts 1 to {self._context_length} tokens "
+                    "per input",
+                    param="input",
+                )
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in encoded]
+        items = [WorkItem(ids, loop, _settle(future)) for ids, future in zip(encoded, futures, strict=True)]
+        try:
+            for item in items:
+                worker.submit(item)
+            results = await asyncio.gather(*futures, return_exceptions=True)
+        finally:
+            for item in items:
+                item.cancelled = True
+        vectors: list[tuple[float, ...]] = []
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+            vectors.append(result)
+        return EmbedResult(embeddings=tuple(vectors), prompt_tokens=sum(len(ids) for ids in encoded))
+
+    # -- loading -------------------------------------------------------------------------------------
+
+    def _check_engine_kwargs(self) -> dict[str, Any]:
+        options = dict(self.spec.engine_kwargs)
+        unknown = sorted(set(options) - set(_ALLOWED_KWARGS))
+        if unknown:
+            raise EngineStartError(
+                f"unknown engine_kwargs {unknown} for engine 'transformers'; allowed: {', '.join(_ALLOWED_KWARGS)}"
+            )
+        threads = options.get("num_threads")
+        if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+            raise EngineStartError(f"engine_kwargs.num_threads must be an integer >= 1, got {threads!r}")
+        pooling = options.get("pooling", "mean")
+        if pooling not in _POOLING:
+            raise EngineStartError(f"engine_kwargs.pooling must be one of {', '.join(_POOLING)}, got {pooling!r}")
+        if "pooling" in options and self.spec.task != "embed":
+            raise EngineStartError("engine_kwargs.pooling applies only to models with task 'embed'")
+        return options
+
+    def _load(self, options: dict[str, Any]) -> None:
+        from models.registry import resolve_source  # lazy: the registry may build tiny models on demand
+
+        path = resolve_source(str(self.spec.source))  # ModelSpec requires a source for this engine
+        wants_gpu = self.spec.resources.num_gpus > 0
+        if wants_gpu and not torch.cuda.is_available():
+            logger.warning("model %s asks for GPUs but CUDA is not available; running on CPU", self.spec.id)
+        self._device = torch.device("cuda" if wants_gpu and torch.cuda.is_available() else "cpu")
+        if self.spec.dtype == "auto":
+            dtype = torch.bfloat16 if self._device.type == "cuda" else torch.float32
+        else:
+            dtype = _DTYPES[self.spec.dtype]
+        # One torch thread per CPU the replica reserved: more threads than reserved cores spin against the
+        # other processes on the node and were 3-10x slower on a busy 2-core machine.
+        torch.set_num_threads(options.get("num_threads") or max(1, round(self.spec.resources.num_cpus)))
+        self._pooling = options.get("pooling", "mean")
+
+        self._tokenizer = AutoTokenizer.from_pretrained(path)
+        self._decoder = AutoTokenizer.from_pretrained(path)
+        model_cls = AutoModelForCausalLM if self.spec.task == "generate" else AutoModel
+        model: Any = model_cls.from_pretrained(path, dtype=dtype)
+        self._model = model.to(self._device).eval()
+        self._context_length = self._resolve_context_length()
+        self._logits_to_keep = "logits_to_keep" in inspect.signature(self._model.forward).parameters
+
+        eos: set[int] = set()
+        for source in (getattr(self._model, "generation_config", None), self._tokenizer):
+            value = getattr(source, "eos_token_id", None)
+            eos.update([value] if isinstance(value, int) else (value or []))
+        self._eos_ids = frozenset(eos)
+        pad = self._tokenizer.pad_token_id
+        self._pad_id = pad if pad is not None else min(eos, default=0)
+
+    def _resolve_context_length(self) -> int:
+        config = self._model.config
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        limit = getattr(config, "max_position_embeddings", None)
+        wanted = self.spec.context_length
+        if wanted is not None and limit is not None and wanted > limit:
+            raise EngineStartError(
+                f"context_length {wanted} is above the model's max_position_embeddings ({limit}): lower it"
+            )
+        if wanted is not None:
+            return wanted
+        if limit is None:
+            raise EngineStartError(f"model '{self.spec.id}' does not state its context length: set context_length")
+        return int(limit)
+
+    # -- validation (event loop, before any batch) --------------------------------------------------
+
+    def _prepare_generate(self, request: GenerateRequest) -> _GenerateJob:
+        if self.spec.task != "generate":
+            raise InvalidRequestError(f"model '{self.spec.id}' serves embeddings and cannot generate", param="model")
+        self._running_worker()
+        sampling = request.sampling
+        if sampling.max_tokens > self.spec.max_output_tokens:
+            raise InvalidRequestError(
+                f"max_tokens is {sampling.max_tokens}; this model allows at most {self.spec.max_output_tokens}",
+                param="max_tokens",
+            )
+        if request.messages is not None:
+            param = "messages"
+            if not self._tokenizer.chat_template:
+                raise InvalidRequestError(
+                    f"model '{self.spec.id}' has no chat template; use the completions endpoint", param="messages"
+                )
+            turns = [message.model_dump() for message in request.messages]
+            try:
+                ids = self._tokenizer.apply_chat_template(
+                    turns, add_generation_prompt=True, tokenize=True, return_dict=False
+                )
+            except jinja2.TemplateError as exc:
+                raise InvalidRequestError(f"the chat template rejected the messages: {exc}", param="messages") from exc
+        else:
+            param = "prompt"
+            ids = self._tokenizer.encode(request.prompt)
+        ids = list(ids)
+        if not ids:
+            raise InvalidRequestError("the prompt is empty", param=param)
+        limit, used = self._context_length, len(ids)
+        if used + sampling.max_tokens > limit:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {limit} tokens; the prompt has {used} tokens and "
+                f"max_tokens asks for {sampling.max_tokens} more. Shorten the {param} or lower max_tokens.",
+                param=param if used >= limit else "max_tokens",
+            )
+        return _GenerateJob(ids, sampling)
+
+    def _running_worker(self) -> BatchWorker[Any]:
+        if self._worker is None or not self._worker.is_alive():
+            raise EngineDeadError(f"the engine for model '{self.spec.id}' is not running")
+        return self._worker
+
+    # -- worker thread -------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def _generate_batch(self, items: list[WorkItem[_GenerateJob]]) -> None:
+        sequences = [_Sequence(item, self._decoder, self._eos_ids, self._device) for item in items]
+        prompts = [item.payload.prompt_ids for item in items]
+        width = max(map(len, prompts))
+        ids = torch.full((len(prompts), width), self._pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, prompt in enumerate(prompts):  # left padding: every row's next token goes in the last column
+            ids[row, width - len(prompt) :] = torch.tensor(prompt)
+            mask[row, width - len(prompt) :] = 1
+        ids, mask = ids.to(self._device), mask.to(self._device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self._model.config)
+        extra = {"logits_to_keep": 1} if self._logits_to_keep else {}
+        logits = self._model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True, **extra
+        ).logits[:, -1, :]
+        next_position = positions[:, -1:] + 1
+        while True:
+            tokens = _sample(logits, sequences)
+            keep = [
+                row
+                for row, (seq, token) in enumerate(zip(sequences, tokens.tolist(), strict=True))
+                if not seq.item.cancelled and not seq.push(token)
+            ]
+            if not keep or self._worker is None or self._worker.stopping:
+                return
+            if len(keep) < len(sequences):  # drop finished rows so they cost nothing more
+                index = torch.tensor(keep, device=self._device)
+                cache.batch_select_indices(index)
+                mask, tokens, next_position = mask[index], tokens[index], next_position[index]
+                sequences = [sequences[row] for row in keep]
+            mask = torch.cat([mask, mask.new_ones((len(sequences), 1))], dim=1)
+            logits = self._model(
+                input_ids=tokens[:, None],
+                attention_mask=mask,
+                position_ids=next_position,
+                past_key_values=cache,
+                use_cache=True,
+            ).logits[:, -1, :]
+            next_position = next_position + 1
+
+    @torch.inference_mode()
+    def _embed_batch(self, items: list[WorkItem[list[int]]]) -> None:
+        width = max(len(item.payload) for item in items)
+        ids = torch.full((len(items), width), self._pad_id, dtype=torch.long)
+        mask = torch.zeros((len(items), width), dtype=torch.long)
+        for row, item in enumerate(items):
+            ids[row, : len(item.payload)] = torch.tensor(item.payload)
+            mask[row, : len(item.payload)] = 1
+        ids, mask = ids.to(self._device), mask.to(self._device)
+        hidden = self._model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+        if self._pooling == "cls":
+            vectors = hidden[:, 0]
+        else:
+            weights = mask.unsqueeze(-1).to(hidden.dtype)
+            vectors = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+        if self.spec.normalize:
+            vectors = F.normalize(vectors, p=2.0, dim=-1)
+        for item, vector in zip(items, vectors.cpu().tolist(), strict=True):
+            item.send(tuple(vector), final=True)
+
+
+class _Sequence:
+    """One request's decoding state inside a batch: its tokens, the text already sent, its stop strings."""
+
+    def __init__(self, item: WorkItem[_GenerateJob], decoder: Any, eos_ids: frozenset[int], device: torch.device):
+        self.item = item
+        self.sampling = item.payload.sampling
+        self.generator: torch.Generator | None = None
+        if self.sampling.temperature >= _GREEDY_BELOW:
+            self.generator = torch.Generator(device=device)
+            if self.sampling.seed is None:
+                self.generator.seed()
+            else:
+                self.generator.manual_seed(self.sampling.seed)
+        self._decoder = decoder
+        self._eos_ids = eos_ids
+        self._prompt_tokens = len(item.payload.prompt_ids)
+        self._ids: list[int] = []  # generated ids that make text (EOS excluded)
+        self._count = 0
+        self._sent = 0  # characters of text already sent
+
+    def push(self, token: int) -> bool:
+        """Add one generated token and send the text that became final; True once the sequence is done."""
+        self._count += 1
+        finish: FinishReason | None = None
+        if token in self._eos_ids:
+            finish = "stop"
+        else:
+            self._ids.append(token)
+            if self._count >= self.sampling.max_tokens:
+                finish = "length"
+        # Decoding the whole list (not just the new token) keeps multi-token characters and spacing right.
+        text = self._decoder.decode(self._ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        end = len(text)
+        stop_at = _find_stop(text, self.sampling.stop, self._sent)
+        if stop_at is not None:
+            end, finish = max(stop_at, self._sent), "stop"
+        elif finish is None:
+            end -= _partial_stop(text, self.sampling.stop)  # might become a stop string: hold it back
+            if text[:end].endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next bytes
+                end = len(text[:end].rstrip("\ufffd"))
+        delta = text[self._sent : end] if end > self._sent else ""
+        self._sent = max(self._sent, end)
+        if delta or finish is not None:
+            chunk = GenerateChunk(
+                text=delta, prompt_tokens=self._prompt_tokens, completion_tokens=self._count, finish_reason=finish
+            )
+            self.item.send(chunk, final=finish is not None)
+        return finish is not None
+
+
+def _find_stop(text: str, stops: tuple[str, ...], sent: int) -> int | None:
+    """Index of the earliest stop string in the unsent part of `text` (with overlap), or None."""
+    hits = [i for s in stops if s and (i := text.find(s, max(0, sent - len(s) + 1))) >= 0]
+    return min(hits, default=None)
+
+
+def _partial_stop(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest tail of `text` that is a proper prefix of a stop string."""
+    return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+
+
+def _sample(logits: torch.Tensor, sequences: list[_Sequence]) -> torch.Tensor:
+    """Pick one token per row: greedy at temperature 0, else temperature + top-p with the row's generator."""
+    logits = logits.float()
+    tokens = logits.argmax(dim=-1)
+    for row, seq in enumerate(sequences):
+        if seq.generator is None:
+            continue
+        probs = torch.softmax(logits[row] / seq.sampling.temperature, dim=-1)
+        if seq.sampling.top_p < 1.0:
+            sorted_probs, order = probs.sort(descending=True)
+            outside = sorted_probs.cumsum(0) - sorted_probs >= seq.sampling.top_p  # the top token always stays
+            probs = torch.zeros_like(probs).scatter(0, order, sorted_probs.masked_fill(outside, 0.0))
+        tokens[row] = torch.multinomial(probs, 1, generator=seq.generator)[0]
+    return tokens
+
+
+def _settle(future: asyncio.Future[Any]) -> Callable[[object], None]:
+    def sink(value: object) -> None:
+        if future.done():  # cancelled by the caller meanwhile
+            return
+        if isinstance(value, BaseException):
+            future.set_exception(value)
+        else:
+            future.set_result(value)
+
+    return sink
