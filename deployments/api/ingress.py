@@ -1,0 +1,339 @@
+"""The OpenAI-compatible HTTP API: FastAPI routes, request limits, auth, SSE and error bodies."""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from deployments.api.errors import to_error_response, validation_message
+from deployments.api.openai_models import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    ErrorBody,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    new_id,
+    usage,
+)
+from deployments.api.sse import DONE, event
+from deployments.config import ServingConfig
+from deployments.engines.protocol import EmbedRequest, GenerateChunk, GenerateRequest
+from deployments.errors import (
+    AuthenticationError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    RequestTooLargeError,
+    ServingError,
+)
+from deployments.router import Router
+
+__all__ = ["OpenAIIngress", "app"]
+
+logger = logging.getLogger(__name__)
+
+_REQUEST_ID_HEADER = "x-request-id"
+_OPEN_PATHS = {"/healthz", "/readyz", "/openapi.json", "/docs"}
+_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 408, 413, 429, 500, 503)
+}
+
+
+def _request_id(request: Request) -> str:
+    rid: str = request.scope.setdefault("modelfleet.request_id", request.headers.get(_REQUEST_ID_HEADER) or "")
+    if not rid:
+        rid = uuid.uuid4().hex
+        request.scope["modelfleet.request_id"] = rid
+    return rid
+
+
+def _error(exc: BaseException, request_id: str) -> JSONResponse:
+    status, body = to_error_response(exc, request_id)
+    # Serve's proxy sets the x-request-id response header (the client's own id, or one it generated).
+    return JSONResponse(body.model_dump(), status_code=status)
+
+
+@dataclass
+class _Limits:
+    """Per-process request limits; set from the config when the ingress replica starts."""
+
+    max_body_bytes: int = 1_048_576
+    api_keys: tuple[bytes, ...] = ()
+
+
+_limits = _Limits()
+
+
+class _LimitsMiddleware:
+    """Outermost ASGI middleware: API-key check (401) and body-size limit (413) before any parsing.
+
+    Pure ASGI rather than BaseHTTPMiddleware so streamed responses pass through untouched. The body is
+    read here, bounded, and replayed to the app, so chunked uploads without Content-Length are capped too.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        rid = headers.get(b"x-request-id", b"").decode("latin-1") or uuid.uuid4().hex
+        scope["modelfleet.request_id"] = rid
+        failure = self._check_auth(scope, headers)
+        body = b""
+        if failure is None:
+            length = headers.get(b"content-length", b"")
+            if length.isdigit() and int(length) > _limits.max_body_bytes:
+                failure = self._too_large()
+            else:
+                body, failure = await self._read_body(receive)
+        if failure is not None:
+            await _error(failure, rid)(scope, receive, send)
+            return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()  # after the body: wait for the disconnect as usual
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    @staticmethod
+    def _check_auth(scope: Scope, headers: dict[bytes, bytes]) -> ServingError | None:
+        path, root = scope.get("path", ""), scope.get("root_path", "")
+        if root and path.startswith(root):  # the app may live under a route prefix
+            path = path[len(root) :]
+        if not _limits.api_keys or path in _OPEN_PATHS:
+            return None
+        auth = headers.get(b"authorization", b"")
+        token = auth[7:].strip() if auth[:7].lower() == b"bearer " else b""
+        if any(hmac.compare_digest(token, key) for key in _limits.api_keys):
+            return None
+        return AuthenticationError("Missing or invalid API key: send `Authorization: Bearer <key>`")
+
+    async def _read_body(self, receive: Receive) -> tuple[bytes, ServingError | None]:
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return b"", None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > _limits.max_body_bytes:
+                return b"", self._too_large()
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks), None
+
+    @staticmethod
+    def _too_large() -> RequestTooLargeError:
+        return RequestTooLargeError(
+            f"Request body is larger than the limit of {_limits.max_body_bytes} bytes", code="request_too_large"
+        )
+
+
+app = FastAPI(
+    title="modelfleet",
+    summary="OpenAI-compatible API over a Ray Serve model cluster",
+    version="0.1.0",
+    responses=_ERROR_RESPONSES,
+)
+
+
+@app.exception_handler(RequestValidationError)
+async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    message, param = validation_message(exc.errors())
+    return _error(InvalidRequestError(message, param=param), _request_id(request))
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    status = exc.status_code
+    kind = {401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error"}.get(status)
+    body = ErrorResponse(error=ErrorBody(message=str(exc.detail), type=kind or "invalid_request_error", code=status))
+    return JSONResponse(body.model_dump(), status_code=status)
+
+
+@app.exception_handler(ServingError)
+async def _on_serving_error(request: Request, exc: ServingError) -> JSONResponse:
+    return _error(exc, _request_id(request))
+
+
+@app.exception_handler(Exception)
+async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    return _error(exc, _request_id(request))
+
+
+app.add_middleware(_LimitsMiddleware)
+
+
+class OpenAIIngress:
+    """The front door: parses OpenAI requests, asks the router, and writes OpenAI responses."""
+
+    def __init__(self, config: ServingConfig, replicas: Mapping[str, DeploymentHandle]) -> None:
+        self.config = config
+        self.router = Router(config, replicas)
+        _limits.max_body_bytes = config.router.max_body_bytes
+        _limits.api_keys = tuple(k.get_secret_value().encode() for k in config.router.api_keys)
+
+    @app.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        """Liveness: the router process answers."""
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz(self) -> JSONResponse:
+        """Readiness: 200 only when every model has a replica that answers real requests."""
+        models = await self.router.readiness()
+        ready = all(models.values())
+        return JSONResponse({"ready": ready, "models": models}, status_code=200 if ready else 503)
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def list_models(self) -> ModelList:
+        """The served models."""
+        return ModelList(data=[ModelCard(id=s.id, task=s.task, engine=s.engine) for s in self.router.specs])
+
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard)
+    async def get_model(self, model_id: str) -> ModelCard:
+        """One served model."""
+        spec = next((s for s in self.router.specs if s.id == model_id), None)
+        if spec is None:
+            raise ModelNotFoundError(f"The model '{model_id}' does not exist")
+        return ModelCard(id=spec.id, task=spec.task, engine=spec.engine)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
+        """Chat completion, streamed as SSE when `stream` is true."""
+        spec = self.router.spec_for(body.model, "generate")
+        rid = _request_id(request)
+        gen = GenerateRequest(
+            request_id=rid, messages=body.chat_messages(), sampling=body.sampling(spec.max_output_tokens)
+        )
+        return await self._generate(body, gen, rid, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(self, body: CompletionRequest, request: Request) -> Response:
+        """Text completion, streamed as SSE when `stream` is true."""
+        self.router.spec_for(body.model, "generate")
+        rid = _request_id(request)
+        gen = GenerateRequest(request_id=rid, prompt=body.text, sampling=body.sampling())
+        return await self._generate(body, gen, rid, chat=False)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(self, body: EmbeddingRequest, request: Request) -> JSONResponse:
+        """Embeddings of one text or a list of texts."""
+        self.router.spec_for(body.model, "embed")
+        rid = _request_id(request)
+        result = await self.router.embed(body.model, EmbedRequest(request_id=rid, inputs=body.texts))
+        size = len(result.embeddings[0])
+        if body.dimensions is not None and body.dimensions != size:
+            raise InvalidRequestError(
+                f"This model returns {size} dimensions; `dimensions` must be {size} or unset", param="dimensions"
+            )
+        data = []
+        for i, vector in enumerate(result.embeddings):
+            value: Any = vector
+            if body.encoding_format == "base64":
+                value = base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
+            data.append({"object": "embedding", "index": i, "embedding": value})
+        payload = {"object": "list", "data": data, "model": body.model, "usage": usage(result.prompt_tokens)}
+        return JSONResponse(payload)
+
+    async def _generate(
+        self, body: ChatCompletionRequest | CompletionRequest, gen: GenerateRequest, rid: str, *, chat: bool
+    ) -> Response:
+        created = int(time.time())
+        oid = new_id("chatcmpl" if chat else "cmpl")
+        if not body.stream:
+            out = await self.router.complete(body.model, gen)
+            choice: dict[str, Any] = {"index": 0, "finish_reason": out.finish_reason, "logprobs": None}
+            if chat:
+                choice["message"] = {"role": "assistant", "content": out.text}
+            else:
+                choice["text"] = out.text
+            payload = {
+                "id": oid,
+                "object": "chat.completion" if chat else "text_completion",
+                "created": created,
+                "model": body.model,
+                "choices": [choice],
+                "usage": usage(out.prompt_tokens, out.completion_tokens),
+            }
+            return JSONResponse(payload)
+
+        stream = self.router.stream(body.model, gen)
+        # Wait for the first chunk before answering, so that a request the engine rejects (prompt too
+        # long, ...) gets its real status code instead of a 200 followed by an error event.
+        try:
+            first = await anext(stream)
+        except StopAsyncIteration:
+            first = None
+        return StreamingResponse(
+            self._sse(stream, first, body, oid, created, rid, chat=chat),
+            media_type="text/event-stream",
+        )
+
+    async def _sse(
+        self,
+        stream: AsyncIterator[GenerateChunk],
+        first: GenerateChunk | None,
+        body: ChatCompletionRequest | CompletionRequest,
+        oid: str,
+        created: int,
+        rid: str,
+        *,
+        chat: bool,
+    ) -> AsyncIterator[bytes]:
+        base = {
+            "id": oid,
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": created,
+            "model": body.model,
+        }
+
+        def frame(text: str | None, finish: str | None, *, role: bool = False) -> bytes:
+            if chat:
+                delta: dict[str, Any] = {"role": "assistant"} if role else {}
+                if text is not None:
+                    delta["content"] = text
+                choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+            else:
+                choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+            return event({**base, "choices": [choice]})
+
+        last = first
+        try:
+            if chat:
+                yield frame("", None, role=True)
+            if first is not None:
+                yield frame(first.text, first.finish_reason)
+            async for chunk in stream:
+                last = chunk
+                yield frame(chunk.text, chunk.finish_reason)
+            if body.include_usage and last is not None:
+                yield event({**base, "choices": [], "usage": usage(last.prompt_tokens, last.completion_tokens)})
+        except Exception as exc:  # noqa: BLE001 - the boundary: a mid-stream failure becomes an error event
+            _, error_body = to_error_response(exc, rid)
+            yield event(error_body.model_dump())
+        yield DONE

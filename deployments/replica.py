@@ -1,0 +1,92 @@
+"""ModelReplica: the Serve deployment that owns one Engine; request ids, warm-up, health and lifecycle."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from deployments import engines
+from deployments.engines.protocol import (
+    EmbeddingEngine,
+    EmbedRequest,
+    EmbedResult,
+    Engine,
+    GenerateChunk,
+    GenerateRequest,
+    SamplingConfig,
+)
+from deployments.errors import InvalidRequestError
+from models.spec import ModelSpec
+
+__all__ = ["ModelReplica"]
+
+logger = logging.getLogger(__name__)
+
+
+class ModelReplica:
+    """Loads the model's engine at start, answers one real request (warm-up), then serves.
+
+    Serve marks a replica RUNNING only after `__init__` returns, so a running replica has already
+    answered a real request: that is what readiness means here.
+    """
+
+    async def __init__(self, spec: ModelSpec, *, engine_cls: type[Engine] | None = None) -> None:
+        self.spec = spec
+        cls = engine_cls or engines.resolve(spec.engine)
+        self.engine = cls(spec)
+        started = time.monotonic()
+        await self.engine.start()
+        await self._warm_up()
+        self.ready_after_s = time.monotonic() - started
+        logger.info("model %s ready (%s engine) in %.1f s", spec.id, spec.engine, self.ready_after_s)
+
+    async def _warm_up(self) -> None:
+        if self.spec.task == "generate":
+            request = GenerateRequest(request_id="warmup", prompt="Hello", sampling=SamplingConfig(max_tokens=1))
+            async for _ in self.engine.generate(request):
+                pass
+        else:
+            await self.embed(EmbedRequest(request_id="warmup", inputs=("Hello",)))
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+        """Stream output chunks (called with a streaming handle)."""
+        async for chunk in self.engine.generate(request):
+            yield chunk
+
+    async def complete(self, request: GenerateRequest) -> GenerateChunk:
+        """The whole output as one chunk: text joined, final counts and finish reason."""
+        parts: list[str] = []
+        last: GenerateChunk | None = None
+        async for chunk in self.engine.generate(request):
+            parts.append(chunk.text)
+            last = chunk
+        if last is None:  # an engine always yields a final chunk; guard the contract anyway
+            raise InvalidRequestError("the engine produced no output", param=None)
+        return GenerateChunk(
+            text="".join(parts),
+            prompt_tokens=last.prompt_tokens,
+            completion_tokens=last.completion_tokens,
+            finish_reason=last.finish_reason,
+        )
+
+    async def embed(self, request: EmbedRequest) -> EmbedResult:
+        """Embed the request's inputs.
+
+        Raises:
+            InvalidRequestError: this model does not embed.
+        """
+        if not isinstance(self.engine, EmbeddingEngine) or self.spec.task != "embed":
+            raise InvalidRequestError(f"model '{self.spec.id}' does not serve embeddings", param="model")
+        return await self.engine.embed(request)
+
+    async def ready(self) -> bool:
+        """True: a replica that answers has finished warm-up."""
+        return True
+
+    async def check_health(self) -> None:
+        """Serve's periodic health check; an EngineDeadError makes Serve replace the replica."""
+        await self.engine.check_health()
+
+    async def __del__(self) -> None:
+        await self.engine.shutdown()
