@@ -1,0 +1,234 @@
+"""The `modelfleet` command: thin subcommands over cluster.local, cluster.deploy and the config schema."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+from cluster import deploy as deploying
+from cluster import local
+from deployments.config import ConfigError, ServingConfig, load_config
+
+__all__ = ["main"]
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "deployments" / "configs" / "default.yaml"
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def _config(path: str | None) -> ServingConfig:
+    return load_config(path or DEFAULT_CONFIG)
+
+
+def prepare_models(config: ServingConfig) -> None:
+    """Materialise every packaged model of the config once (conversions show progress)."""
+    from models.registry import is_packaged, resolve_source
+
+    for spec in config.models:
+        if spec.source and is_packaged(spec.source):
+            started = time.monotonic()
+            path = resolve_source(spec.source, progress=True)
+            _say(f"model {spec.id}: {spec.source} -> {path} ({time.monotonic() - started:.1f} s)")
+
+
+def _table(rows: list[dict[str, str]]) -> str:
+    if not rows:
+        return "(nothing deployed)"
+    keys = list(rows[0])
+    widths = {k: max(len(k), *(len(r[k]) for r in rows)) for k in keys}
+    lines = ["  ".join(k.upper().ljust(widths[k]) for k in keys)]
+    lines += ["  ".join(r[k].ljust(widths[k]) for k in keys) for r in rows]
+    return "\n".join(lines)
+
+
+def _example(base: str, config: ServingConfig) -> str:
+    chat = next((m.id for m in config.models if m.task == "generate"), None)
+    embed = next((m.id for m in config.models if m.task == "embed"), None)
+    lines = [f"modelfleet is serving at {base}/v1  (models: {', '.join(m.id for m in config.models)})", ""]
+    if chat:
+        lines += [
+            "Try it:",
+            f"  curl {base}/v1/chat/completions -H 'Content-Type: application/json' \\",
+            f'    -d \'{{"model": "{chat}", "messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}\'',
+        ]
+    if embed:
+        lines += [
+            f"  curl {base}/v1/embeddings -H 'Content-Type: application/json' "
+            f'-d \'{{"model": "{embed}", "input": "hello"}}\'',
+        ]
+    lines += ["", "Press Ctrl-C to stop."]
+    return "\n".join(lines)
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    _say(f"{args.config}: OK ({len(config.models)} model(s): {', '.join(m.id for m in config.models)})")
+    return 0
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    state = local.up(num_cpus=args.num_cpus, dashboard=args.dashboard)
+    _say(f"local Ray cluster running at {state.gcs_address} (pid {state.pid}, {state.num_cpus} logical CPUs)")
+    return 0
+
+
+def _cmd_down(args: argparse.Namespace) -> int:
+    _say("stopped the local cluster" if local.down() else "no local cluster is running")
+    return 0
+
+
+def _cmd_deploy(args: argparse.Namespace) -> int:
+    config = _config(args.config)
+    state = local.read_state()
+    if state is None:
+        _say("no local cluster is running: start one with `modelfleet up` (or use `modelfleet serve`)")
+        return 1
+    prepare_models(config)
+    base = deploying.deploy(config, state, timeout_s=args.timeout, on_progress=_say)
+    _say(f"ready: {base}/v1")
+    return 0
+
+
+class _Stop(BaseException):
+    """Raised in the main thread by SIGINT/SIGTERM while `serve` runs; unwinds to the clean shutdown."""
+
+
+def _raise_stop(signum: int, frame: object) -> None:
+    raise _Stop(signal.Signals(signum).name)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    config = _config(args.config)
+    started = time.monotonic()
+    prepare_models(config)
+    owned = local.read_state() is None
+    state = local.up(num_cpus=args.num_cpus, dashboard=args.dashboard)
+    try:
+        # ray.init installs its own TERM handler (it aborts the process), so connect first and then take
+        # SIGINT and SIGTERM back. A process started in the background begins with SIGINT ignored, and
+        # Kubernetes, systemd and CI stop processes with TERM: handle both explicitly.
+        deploying.connect(state)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, _raise_stop)
+        _say(f"local Ray cluster at {state.gcs_address}; deploying {config.name} ...")
+        base = deploying.deploy(config, state, timeout_s=args.timeout, on_progress=_say)
+        _say(f"ready in {time.monotonic() - started:.1f} s\n")
+        _say(_example(base, config))
+        threading.Event().wait()
+    except _Stop as stop:
+        _say(f"{stop}: stopping ...")
+    finally:
+        if owned:
+            local.down()
+            _say("stopped the local cluster")
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    state = local.read_state()
+    if state is None:
+        if args.json:
+            _say(json.dumps({"cluster": None, "deployments": []}))
+        else:
+            _say("no local cluster is running")
+        return 1
+    rows = [asdict(r) for r in deploying.status(state)]
+    if args.json:
+        _say(json.dumps({"cluster": asdict(state), "deployments": rows}, indent=2))
+    else:
+        _say(f"cluster {state.gcs_address} (pid {state.pid}, {state.num_cpus} logical CPUs)\n")
+        _say(_table(rows))
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from models.registry import PACKAGED_MODELS
+
+    rows = [{"name": name, "task": m.task, "description": m.description} for name, m in PACKAGED_MODELS.items()]
+    _say(_table(rows))
+    return 0
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    prepare_models(_config(args.config))
+    return 0
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    _say(json.dumps(ServingConfig.model_json_schema(), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every subcommand."""
+    parser = argparse.ArgumentParser(prog="modelfleet", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> None:
+        p.add_argument("config", nargs="?", help=f"serving config YAML (default: {DEFAULT_CONFIG.name})")
+
+    def with_cluster(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--num-cpus", type=int, default=None, help="logical CPUs the local head advertises")
+        p.add_argument("--dashboard", action="store_true", help="also start Ray's dashboard (job submission)")
+
+    p = sub.add_parser("validate", help="check a config file against the schema")
+    p.add_argument("config")
+    p.set_defaults(func=_cmd_validate)
+    p = sub.add_parser("up", help="start the local Ray head (127.0.0.1)")
+    with_cluster(p)
+    p.set_defaults(func=_cmd_up)
+    p = sub.add_parser("down", help="stop the local cluster that `up` started")
+    p.set_defaults(func=_cmd_down)
+    for name, func, text in (
+        ("deploy", _cmd_deploy, "deploy a config onto the running cluster and wait until it answers"),
+        ("serve", _cmd_serve, "up + deploy, then serve in the foreground until Ctrl-C"),
+    ):
+        p = sub.add_parser(name, help=text)
+        with_config(p)
+        p.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for readiness")
+        if name == "serve":
+            with_cluster(p)
+        p.set_defaults(func=func)
+    p = sub.add_parser("status", help="apps, deployments, replicas and health")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_status)
+    p = sub.add_parser("models", help="list the packaged models a config can name as `source`")
+    p.set_defaults(func=_cmd_models)
+    p = sub.add_parser("prepare", help="convert/build the packaged models a config uses, once")
+    with_config(p)
+    p.set_defaults(func=_cmd_prepare)
+    p = sub.add_parser("schema", help="print the config JSON Schema")
+    p.set_defaults(func=_cmd_schema)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `modelfleet` console script."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    except local.ClusterError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

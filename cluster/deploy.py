@@ -1,0 +1,228 @@
+"""Deploying a ServingConfig onto a running cluster, waiting until it really answers, and reading status."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from cluster.local import ClusterError, ClusterState
+from cluster.settings import get_settings
+from deployments.config import ServingConfig
+
+__all__ = ["DeploymentRow", "connect", "deploy", "status", "wait_ready"]
+
+logger = logging.getLogger(__name__)
+
+# Ray rewrites a 127.0.0.1 bootstrap address to the host's outward IP before connecting, and our head
+# listens on loopback only. This flag (read when ray is first imported) makes a driver on a Linux host
+# resolve "this node" to loopback, as Ray does on laptops. It only affects this driver process.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# Ray 2.60 heads require a token; a driver given an explicit address sends it only in token mode (the
+# token itself sits in ~/.ray/auth_token, written by the head at its first start).
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+_DEPLOYED_FILE = "deployed.json"
+# The repo root is Ray's working_dir; only the code travels, never the venv or caches.
+_WORKING_DIR_EXCLUDES = [".venv", ".git", "**/__pycache__", ".pytest_cache", ".mypy_cache", "docs", "tests"]
+
+
+@dataclass(frozen=True)
+class DeploymentRow:
+    """One line of `modelfleet status`."""
+
+    app: str
+    deployment: str
+    status: str
+    replicas: str
+    engine: str
+    resources: str
+    message: str
+
+
+def connect(state: ClusterState) -> None:
+    """Connect this process to the local cluster as a driver (idempotent)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    ray.init(
+        address=state.gcs_address,
+        # The head binds to loopback only; the driver must say so too or it looks for the host's address.
+        _node_ip_address="127.0.0.1",
+        namespace="modelfleet",
+        runtime_env={"working_dir": str(PROJECT_ROOT), "excludes": _WORKING_DIR_EXCLUDES},
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+    )
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def deploy(
+    config: ServingConfig,
+    state: ClusterState,
+    *,
+    timeout_s: float = 1800.0,
+    on_progress: Callable[[str], None] = lambda line: None,
+) -> str:
+    """Deploy `config` and wait until /readyz says every model answers.
+
+    Returns:
+        The base URL of the HTTP API.
+
+    Raises:
+        ClusterError: the HTTP port is taken, the app failed to deploy, or it was not ready in time.
+    """
+    from ray import serve
+
+    connect(state)
+    host, port = config.router.host, config.router.port
+    if not _serve_running() and not _port_free(host, port):
+        raise ClusterError(f"{host}:{port} is already in use: stop what listens there or set router.port")
+    serve.start(http_options={"host": host, "port": port})
+    from deployments.app import build_app
+
+    application = build_app(config)
+    deadline = time.monotonic() + timeout_s
+    last_line = ""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        future = pool.submit(serve.run, application, name=config.name, route_prefix=config.route_prefix)
+        while not future.done():
+            line = _progress_line(config.name)
+            if line and line != last_line:
+                on_progress(line)
+                last_line = line
+            if time.monotonic() > deadline:
+                raise ClusterError(f"app '{config.name}' was not running after {timeout_s:.0f} s: {last_line}")
+            time.sleep(1.0)
+        try:
+            future.result()
+        except Exception as exc:  # noqa: BLE001 - Serve raises RuntimeError or its own types; report them all
+            raise ClusterError(f"deploying '{config.name}' failed: {exc}") from exc
+    _record(config)
+    base = f"http://{host}:{port}{config.route_prefix.rstrip('/')}"
+    on_progress("deployments running; checking that every model answers ...")
+    wait_ready(base, timeout_s=max(deadline - time.monotonic(), 30.0))
+    return base
+
+
+def _serve_running() -> bool:
+    from ray import serve
+
+    try:
+        return bool(serve.status().proxies)
+    except Exception:  # noqa: BLE001 - no controller yet
+        return False
+
+
+def _progress_line(app_name: str) -> str:
+    from ray import serve
+
+    try:
+        app = serve.status().applications.get(app_name)
+    except Exception:  # noqa: BLE001 - the controller may still be starting
+        return "starting Serve ..."
+    if app is None:
+        return "submitting the app ..."
+    parts = []
+    for name, dep in app.deployments.items():
+        running = dep.replica_states.get("RUNNING", 0)
+        total = sum(dep.replica_states.values())
+        parts.append(f"{name} {dep.status.value} {running}/{total}")
+    return f"{app.status.value}: " + ", ".join(parts)
+
+
+def wait_ready(base_url: str, *, timeout_s: float = 300.0) -> None:
+    """Poll GET /readyz until it answers 200.
+
+    Raises:
+        ClusterError: it did not within `timeout_s`.
+    """
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    with httpx.Client(timeout=15.0) as client:
+        while time.monotonic() < deadline:
+            try:
+                response = client.get(f"{base_url}/readyz")
+                if response.status_code == 200:
+                    return
+                last = response.text
+            except httpx.HTTPError as exc:
+                last = str(exc)
+            time.sleep(0.5)
+    raise ClusterError(f"{base_url}/readyz did not turn ready in {timeout_s:.0f} s (last answer: {last})")
+
+
+def _record(config: ServingConfig) -> None:
+    path = get_settings().home / _DEPLOYED_FILE
+    deployed = _deployed()
+    deployed[config.name] = config.model_dump(mode="json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(deployed))
+
+
+def _deployed() -> dict[str, Any]:
+    path = get_settings().home / _DEPLOYED_FILE
+    try:
+        data: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data
+
+
+def status(state: ClusterState) -> list[DeploymentRow]:
+    """Every app and deployment on the cluster, with replica counts and each model's engine and resources."""
+    from ray import serve
+
+    connect(state)
+    deployed = _deployed()
+    rows = []
+    for app_name, app in serve.status().applications.items():
+        specs = {}
+        if app_name in deployed:
+            cfg = ServingConfig.model_validate(deployed[app_name])
+            specs = {spec.deployment_name: spec for spec in cfg.models}
+        for dep_name, dep in app.deployments.items():
+            spec = specs.get(dep_name)
+            running = dep.replica_states.get("RUNNING", 0)
+            total = sum(dep.replica_states.values())
+            engine = spec.engine if spec else "-"
+            resources = "-"
+            if spec:
+                r = spec.resources
+                resources = f"cpu={r.num_cpus:g} gpu={r.num_gpus:g}" + (
+                    f" {r.accelerator_type}" if r.accelerator_type else ""
+                )
+            states = ", ".join(f"{k.lower()}={v}" for k, v in sorted(dep.replica_states.items()))
+            message = dep.message or (app.message if dep.status.value != "HEALTHY" else "")
+            rows.append(
+                DeploymentRow(
+                    app=app_name,
+                    deployment=dep_name,
+                    status=dep.status.value,
+                    replicas=f"{running}/{total}" + (f" ({states})" if states and running != total else ""),
+                    engine=engine,
+                    resources=resources,
+                    message=message.strip().replace("\n", " ")[:160],
+                )
+            )
+    return rows

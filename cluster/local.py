@@ -1,0 +1,180 @@
+"""The embedded local Ray cluster: start a head bound to 127.0.0.1, find it again, and stop only it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from cluster.settings import get_settings
+
+__all__ = ["ClusterError", "ClusterState", "down", "free_port", "read_state", "up"]
+
+logger = logging.getLogger(__name__)
+
+_STATE_FILE = "cluster.json"
+
+
+class ClusterError(RuntimeError):
+    """Raised when the local cluster cannot be started, found or stopped."""
+
+
+@dataclass(frozen=True)
+class ClusterState:
+    """What `up` started: enough for later commands to connect to it and to stop exactly it."""
+
+    pid: int
+    gcs_address: str
+    temp_dir: str
+    log_file: str
+    num_cpus: int
+    dashboard_port: int | None = None
+
+    @property
+    def alive(self) -> bool:
+        """Whether the `ray start` process still runs."""
+        try:
+            # Reap it if it is our own child (`modelfleet serve`), so a zombie does not count as alive.
+            if os.waitpid(self.pid, os.WNOHANG)[0] == self.pid:
+                return False
+        except ChildProcessError:
+            pass
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on `host` right now."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _state_path() -> Path:
+    return get_settings().home / _STATE_FILE
+
+
+def read_state() -> ClusterState | None:
+    """The running cluster's state, or None when none is running (a stale state file is removed)."""
+    path = _state_path()
+    if not path.exists():
+        return None
+    try:
+        state = ClusterState(**json.loads(path.read_text()))
+    except (ValueError, TypeError):
+        path.unlink(missing_ok=True)
+        return None
+    if not state.alive:
+        path.unlink(missing_ok=True)
+        return None
+    return state
+
+
+def _wait_port(port: int, deadline: float, proc: subprocess.Popen[bytes], log_file: Path) -> None:
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log_file.read_text(errors="replace")[-2000:] if log_file.exists() else ""
+            raise ClusterError(f"`ray start` exited with code {proc.returncode}:\n{tail}")
+        with socket.socket() as sock:
+            sock.settimeout(0.5)
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise ClusterError(f"Ray's GCS did not open port {port} in time; see {log_file}")
+
+
+def up(*, num_cpus: int | None = None, dashboard: bool = False, timeout_s: float = 120.0) -> ClusterState:
+    """Start a local Ray head bound to 127.0.0.1 (or return the one already running).
+
+    Args:
+        num_cpus: logical CPUs to advertise. Defaults to at least 8, more than the cores, so that a model
+            replica asking for CPUs never starves the router (see FIELD-NOTES).
+        dashboard: also start Ray's dashboard (needed for `ray job submit`).
+        timeout_s: how long to wait for the head to come up.
+
+    Returns:
+        The state of the running cluster.
+
+    Raises:
+        ClusterError: the head did not start.
+    """
+    existing = read_state()
+    if existing is not None:
+        return existing
+    settings = get_settings()
+    settings.home.mkdir(parents=True, exist_ok=True)
+    # Unix socket paths are limited to 107 bytes: keep the temp dir short.
+    temp_dir = settings.home / "ray"
+    log_file = settings.home / "ray-start.log"
+    cpus = num_cpus or max(8, os.cpu_count() or 2)
+    port = free_port()
+    dashboard_port = free_port() if dashboard else None
+    cmd = [
+        str(Path(sys.executable).with_name("ray")),
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        f"--port={port}",
+        f"--num-cpus={cpus}",
+        f"--temp-dir={temp_dir}",
+        f"--ray-client-server-port={free_port()}",
+        "--disable-usage-stats",
+    ]
+    if dashboard_port:
+        cmd += ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"]
+    else:
+        cmd += ["--include-dashboard=false"]
+    with log_file.open("wb") as log:
+        # A session of its own: `down` signals this process group and nothing else on the machine.
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    _wait_port(port, time.monotonic() + timeout_s, proc, log_file)
+    state = ClusterState(
+        pid=proc.pid,
+        gcs_address=f"127.0.0.1:{port}",
+        temp_dir=str(temp_dir),
+        log_file=str(log_file),
+        num_cpus=cpus,
+        dashboard_port=dashboard_port,
+    )
+    _state_path().write_text(json.dumps(asdict(state)))
+    return state
+
+
+def down(timeout_s: float = 60.0) -> bool:
+    """Stop the cluster that `up` started, and only it.
+
+    Returns:
+        True if a cluster was stopped, False if none was running.
+    """
+    state = read_state()
+    if state is None:
+        return False
+    try:
+        pgid = os.getpgid(state.pid)
+    except ProcessLookupError:
+        pgid = state.pid
+    # TERM to `ray start --block` makes it stop the head's processes; the group kill catches stragglers.
+    os.kill(state.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while state.alive and time.monotonic() < deadline:
+        time.sleep(0.2)
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    _state_path().unlink(missing_ok=True)
+    return True

@@ -1,0 +1,123 @@
+"""The real `modelfleet` CLI: its own local Ray head on free ports, deploy, status, serve, down."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import yaml
+
+from cluster.local import free_port
+from tests.integration.conftest import wait_for
+
+pytestmark = pytest.mark.slow
+
+CLI = [sys.executable, "-m", "cluster.cli"]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def home() -> Iterator[Path]:
+    # Short path: Ray's unix sockets live under MODELFLEET_HOME/ray (107-byte limit).
+    path = Path(tempfile.mkdtemp(prefix="mf-cli-", dir="/tmp"))
+    yield path
+    subprocess.run([*CLI, "down"], env=_env(path), cwd=ROOT, timeout=120, check=False)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _env(home: Path) -> dict[str, str]:
+    return {**os.environ, "MODELFLEET_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+
+
+def _config(home: Path) -> tuple[Path, int]:
+    port = free_port()
+    config = yaml.safe_load((ROOT / "deployments" / "configs" / "echo.yaml").read_text())
+    config["router"] = {"port": port}
+    path = home / "echo.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path, port
+
+
+def _run(home: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, *args], env=_env(home), cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_up_deploy_status_down(home: Path) -> None:
+    config, port = _config(home)
+    up = _run(home, "up")
+    assert up.returncode == 0, up.stderr
+    state = json.loads((home / "cluster.json").read_text())
+    assert state["gcs_address"].startswith("127.0.0.1:")
+
+    deployed = _run(home, "deploy", str(config))
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    assert f"ready: http://127.0.0.1:{port}/v1" in deployed.stdout
+
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=30)
+    reply = client.chat.completions.create(model="echo", messages=[{"role": "user", "content": "via the cli"}])
+    assert reply.choices[0].message.content == "via the cli"
+
+    status = _run(home, "status", "--json")
+    assert status.returncode == 0, status.stderr
+    rows = {r["deployment"]: r for r in json.loads(status.stdout)["deployments"]}
+    assert rows["replica:echo"]["status"] == "HEALTHY"
+    assert rows["replica:echo"]["replicas"] == "1/1"
+    assert rows["replica:echo"]["engine"] == "echo"
+    assert rows["replica:echo"]["resources"] == "cpu=0.5 gpu=0"
+    table = _run(home, "status")
+    assert "replica:echo-embed" in table.stdout and "HEALTHY" in table.stdout
+
+    down = _run(home, "down")
+    assert down.returncode == 0 and "stopped" in down.stdout
+    wait_for(lambda: not _pid_alive(state["pid"]), timeout=60, message="ray head still running after down")
+    assert not (home / "cluster.json").exists()
+
+
+def test_serve_runs_until_sigterm(home: Path) -> None:
+    config, port = _config(home)
+    log = home / "serve.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [*CLI, "serve", str(config)], env=_env(home), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        wait_for(lambda: "Press Ctrl-C" in log.read_text() or proc.poll() is not None, timeout=300,
+                 message="`modelfleet serve` did not become ready")
+        assert proc.poll() is None, log.read_text()
+        text = log.read_text()
+        assert f"curl http://127.0.0.1:{port}/v1/chat/completions" in text
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"model": "echo", "prompt": "hi"}, timeout=30)
+        assert r.json()["choices"][0]["text"] == "hi"
+        pid = json.loads((home / "cluster.json").read_text())["pid"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0, log.read_text()
+        assert "stopped the local cluster" in log.read_text()
+        wait_for(lambda: not _pid_alive(pid), timeout=30, message="ray head outlived `modelfleet serve`")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+
