@@ -15,6 +15,7 @@ from deployments.engines.protocol import (
     GenerateChunk,
     GenerateRequest,
     SamplingConfig,
+    TokenLogprob,
 )
 from deployments.errors import InvalidRequestError
 from models.spec import ModelSpec
@@ -57,9 +58,11 @@ class ModelReplica:
     async def complete(self, request: GenerateRequest) -> GenerateChunk:
         """The whole output as one chunk: text joined, final counts and finish reason."""
         parts: list[str] = []
+        logprobs: list[TokenLogprob] = []
         last: GenerateChunk | None = None
         async for chunk in self.engine.generate(request):
             parts.append(chunk.text)
+            logprobs.extend(chunk.logprobs or ())
             last = chunk
         if last is None:  # an engine always yields a final chunk; guard the contract anyway
             raise InvalidRequestError("the engine produced no output", param=None)
@@ -68,6 +71,7 @@ class ModelReplica:
             prompt_tokens=last.prompt_tokens,
             completion_tokens=last.completion_tokens,
             finish_reason=last.finish_reason,
+            logprobs=tuple(logprobs) if request.sampling.logprobs is not None else None,
         )
 
     async def embed(self, request: EmbedRequest) -> EmbedResult:

@@ -5,10 +5,9 @@ from __future__ import annotations
 import base64
 import hmac
 import logging
-import time
 import uuid
 from dataclasses import dataclass
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -28,12 +27,11 @@ from deployments.api.openai_models import (
     ErrorResponse,
     ModelCard,
     ModelList,
-    new_id,
     usage,
 )
-from deployments.api.sse import DONE, event
+from deployments.api.completions import Completion
 from deployments.config import ServingConfig
-from deployments.engines.protocol import EmbedRequest, GenerateChunk, GenerateRequest
+from deployments.engines.protocol import EmbedRequest, GenerateRequest
 from deployments.errors import (
     AuthenticationError,
     InvalidRequestError,
@@ -230,7 +228,7 @@ class OpenAIIngress:
         gen = GenerateRequest(
             request_id=rid, messages=body.chat_messages(), sampling=body.sampling(spec.max_output_tokens)
         )
-        return await self._generate(body, gen, rid, chat=True)
+        return await self._generate(body, gen, chat=True)
 
     @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
@@ -238,7 +236,7 @@ class OpenAIIngress:
         self.router.spec_for(body.model, "generate")
         rid = _request_id(request)
         gen = GenerateRequest(request_id=rid, prompt=body.text, sampling=body.sampling())
-        return await self._generate(body, gen, rid, chat=False)
+        return await self._generate(body, gen, chat=False)
 
     @app.post("/v1/embeddings")
     async def embeddings(self, body: EmbeddingRequest, request: Request) -> JSONResponse:
@@ -261,79 +259,9 @@ class OpenAIIngress:
         return JSONResponse(payload)
 
     async def _generate(
-        self, body: ChatCompletionRequest | CompletionRequest, gen: GenerateRequest, rid: str, *, chat: bool
+        self, body: ChatCompletionRequest | CompletionRequest, gen: GenerateRequest, *, chat: bool
     ) -> Response:
-        created = int(time.time())
-        oid = new_id("chatcmpl" if chat else "cmpl")
+        completion = Completion(self.router, body, gen, chat=chat)
         if not body.stream:
-            out = await self.router.complete(body.model, gen)
-            choice: dict[str, Any] = {"index": 0, "finish_reason": out.finish_reason, "logprobs": None}
-            if chat:
-                choice["message"] = {"role": "assistant", "content": out.text}
-            else:
-                choice["text"] = out.text
-            payload = {
-                "id": oid,
-                "object": "chat.completion" if chat else "text_completion",
-                "created": created,
-                "model": body.model,
-                "choices": [choice],
-                "usage": usage(out.prompt_tokens, out.completion_tokens),
-            }
-            return JSONResponse(payload)
-
-        stream = self.router.stream(body.model, gen)
-        # Wait for the first chunk before answering, so that a request the engine rejects (prompt too
-        # long, ...) gets its real status code instead of a 200 followed by an error event.
-        try:
-            first = await anext(stream)
-        except StopAsyncIteration:
-            first = None
-        return StreamingResponse(
-            self._sse(stream, first, body, oid, created, rid, chat=chat),
-            media_type="text/event-stream",
-        )
-
-    async def _sse(
-        self,
-        stream: AsyncIterator[GenerateChunk],
-        first: GenerateChunk | None,
-        body: ChatCompletionRequest | CompletionRequest,
-        oid: str,
-        created: int,
-        rid: str,
-        *,
-        chat: bool,
-    ) -> AsyncIterator[bytes]:
-        base = {
-            "id": oid,
-            "object": "chat.completion.chunk" if chat else "text_completion",
-            "created": created,
-            "model": body.model,
-        }
-
-        def frame(text: str | None, finish: str | None, *, role: bool = False) -> bytes:
-            if chat:
-                delta: dict[str, Any] = {"role": "assistant"} if role else {}
-                if text is not None:
-                    delta["content"] = text
-                choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
-            else:
-                choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
-            return event({**base, "choices": [choice]})
-
-        last = first
-        try:
-            if chat:
-                yield frame("", None, role=True)
-            if first is not None:
-                yield frame(first.text, first.finish_reason)
-            async for chunk in stream:
-                last = chunk
-                yield frame(chunk.text, chunk.finish_reason)
-            if body.include_usage and last is not None:
-                yield event({**base, "choices": [], "usage": usage(last.prompt_tokens, last.completion_tokens)})
-        except Exception as exc:  # noqa: BLE001 - the boundary: a mid-stream failure becomes an error event
-            _, error_body = to_error_response(exc, rid)
-            yield event(error_body.model_dump())
-        yield DONE
+            return JSONResponse(await completion.response())
+        return StreamingResponse(await completion.stream(), media_type="text/event-stream")

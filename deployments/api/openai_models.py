@@ -6,7 +6,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from deployments.engines.protocol import ChatMessage, SamplingConfig
 
@@ -61,9 +61,11 @@ class _SamplingFields(_Request):
     model: str = Field(min_length=1, description="Id of a served model (see GET /v1/models).")
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=1, description="Only n=1 is supported.")
+    n: int = Field(1, ge=1, le=16, description="How many choices to generate (each one is its own request).")
     stop: str | list[str] | None = Field(None, description="Up to 4 sequences where generation stops.")
     seed: int | None = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     stream: bool = False
     stream_options: _StreamOptions | None = None
 
@@ -74,10 +76,17 @@ class _SamplingFields(_Request):
             raise ValueError("at most 4 stop sequences are allowed")
         return value
 
-    def _sampling(self, max_tokens: int) -> SamplingConfig:
+    def _sampling(self, max_tokens: int, logprobs: int | None) -> SamplingConfig:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         return SamplingConfig(
-            max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, stop=stop, seed=self.seed
+            max_tokens=max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            stop=stop,
+            seed=self.seed,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            logprobs=logprobs,
         )
 
     @property
@@ -92,6 +101,15 @@ class ChatCompletionRequest(_SamplingFields):
     messages: list[_Message] = Field(min_length=1, description="The conversation so far.")
     max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate (default: the model's limit).")
     max_completion_tokens: int | None = Field(None, ge=1, description="Alias of max_tokens (newer clients).")
+    logprobs: bool = Field(False, description="Return the log probability of each output token.")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="Alternatives per token (needs logprobs).")
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_needs_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return value
 
     def chat_messages(self) -> tuple[ChatMessage, ...]:
         """The messages flattened to text."""
@@ -99,7 +117,8 @@ class ChatCompletionRequest(_SamplingFields):
 
     def sampling(self, default_max_tokens: int) -> SamplingConfig:
         """Engine sampling settings; `default_max_tokens` applies when the client sets no limit."""
-        return self._sampling(self.max_completion_tokens or self.max_tokens or default_max_tokens)
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return self._sampling(self.max_completion_tokens or self.max_tokens or default_max_tokens, logprobs)
 
 
 class CompletionRequest(_SamplingFields):
@@ -107,6 +126,7 @@ class CompletionRequest(_SamplingFields):
 
     prompt: str | list[str] = Field(description="The prompt (a list must hold exactly one string).")
     max_tokens: int = Field(16, ge=1, description="Most tokens to generate.")
+    logprobs: int | None = Field(None, ge=0, le=20, description="Log probabilities of the top k tokens.")
 
     @field_validator("prompt")
     @classmethod
@@ -122,7 +142,7 @@ class CompletionRequest(_SamplingFields):
 
     def sampling(self) -> SamplingConfig:
         """Engine sampling settings."""
-        return self._sampling(self.max_tokens)
+        return self._sampling(self.max_tokens, self.logprobs)
 
 
 class EmbeddingRequest(_Request):

@@ -15,6 +15,7 @@ from deployments.engines.protocol import (
     Engine,
     GenerateChunk,
     GenerateRequest,
+    require_basic_sampling,
 )
 from deployments.errors import EngineStartError, InvalidRequestError
 from models.spec import ModelSpec
@@ -64,6 +65,7 @@ class EchoEngine(Engine, EmbeddingEngine):
             source = prompt_words
             param = "prompt"
         sampling = request.sampling
+        require_basic_sampling(sampling, "echo")
         if sampling.max_tokens > self.spec.max_output_tokens:
             raise InvalidRequestError(
                 f"max_tokens is {sampling.max_tokens}, above this model's limit of {self.spec.max_output_tokens}",

@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from deployments.errors import InvalidRequestError
 from models.spec import FrozenModel, ModelSpec
 
 __all__ = [
@@ -23,6 +24,8 @@ __all__ = [
     "GenerateChunk",
     "GenerateRequest",
     "SamplingConfig",
+    "TokenLogprob",
+    "require_basic_sampling",
 ]
 
 FinishReason = Literal["stop", "length"]
@@ -36,6 +39,37 @@ class SamplingConfig(FrozenModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logprobs: int | None = Field(
+        None, ge=0, le=20, description="None: no logprobs; k: the sampled token's logprob and the top k."
+    )
+
+    def advanced(self) -> list[str]:
+        """Names of the options set away from their defaults that not every engine implements."""
+        used = []
+        if self.presence_penalty:
+            used.append("presence_penalty")
+        if self.frequency_penalty:
+            used.append("frequency_penalty")
+        if self.logprobs is not None:
+            used.append("logprobs")
+        return used
+
+
+def require_basic_sampling(sampling: SamplingConfig, engine: str) -> None:
+    """For engines without penalties and logprobs: refuse them rather than silently ignore them.
+
+    Raises:
+        InvalidRequestError: an advanced option is set.
+    """
+    used = sampling.advanced()
+    if used:
+        raise InvalidRequestError(
+            f"{', '.join(used)} {'is' if len(used) == 1 else 'are'} not supported by the {engine} engine; "
+            "leave them unset or serve the model on vllm",
+            param=used[0],
+        )
 
 
 class ChatMessage(FrozenModel):
@@ -60,16 +94,26 @@ class GenerateRequest(FrozenModel):
         return self
 
 
+class TokenLogprob(FrozenModel):
+    """One generated token's log probability, and the most likely alternatives at that position."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+
 class GenerateChunk(FrozenModel):
     """A piece of generated output. The last chunk of a stream carries `finish_reason`.
 
     `completion_tokens` counts the tokens generated so far (cumulative), `prompt_tokens` the prompt's.
+    `logprobs` has one entry per token in this chunk when the request asked for logprobs.
     """
 
     text: str
     prompt_tokens: int
     completion_tokens: int
     finish_reason: FinishReason | None = None
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 class EmbedRequest(FrozenModel):
@@ -87,7 +131,7 @@ class EmbedResult(FrozenModel):
 
 
 class Engine(abc.ABC):
-    """Runs one model inside one replica. Implementations: TransformersEngine, EchoEngine."""
+    """Runs one model inside one replica. Implementations: VLLMEngine, TransformersEngine, EchoEngine."""
 
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec

@@ -27,6 +27,7 @@ from deployments.engines.protocol import (
     GenerateChunk,
     GenerateRequest,
     SamplingConfig,
+    require_basic_sampling,
 )
 from deployments.errors import EngineDeadError, EngineStartError, InvalidRequestError
 from models.spec import ModelSpec
@@ -265,6 +266,7 @@ class TransformersEngine(Engine, EmbeddingEngine):
             raise InvalidRequestError(f"model '{self.spec.id}' serves embeddings and cannot generate", param="model")
         self._running_worker()
         sampling = request.sampling
+        require_basic_sampling(sampling, "transformers")
         if sampling.max_tokens > self.spec.max_output_tokens:
             raise InvalidRequestError(
                 f"max_tokens is {sampling.max_tokens}; this model allows at most {self.spec.max_output_tokens}",

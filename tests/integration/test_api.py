@@ -219,7 +219,12 @@ def test_malformed_json(http: httpx.Client) -> None:
         ("/v1/completions", {"model": "echo", "prompt": "x", "max_tokens": -1}, "max_tokens"),
         ("/v1/chat/completions", {"model": "echo", "messages": []}, "messages"),
         ("/v1/chat/completions", {"model": "echo", "messages": [{"role": "wizard", "content": "x"}]}, "messages"),
-        ("/v1/chat/completions", {"model": "echo", "messages": [{"role": "user", "content": "x"}], "n": 2}, "n"),
+        ("/v1/chat/completions", {"model": "echo", "messages": [{"role": "user", "content": "x"}], "n": 17}, "n"),
+        (
+            "/v1/chat/completions",
+            {"model": "echo", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
+            "top_logprobs",
+        ),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}, "model"),
         ("/v1/completions", {"model": "echo", "prompt": "x", "temperature": 9}, "temperature"),
         ("/v1/completions", {"model": "echo", "prompt": ["a", "b"]}, "prompt"),
@@ -234,6 +239,34 @@ def test_schema_errors_are_400(http: httpx.Client, path: str, body: dict[str, An
 def test_huge_max_tokens(http: httpx.Client, model: str) -> None:
     body = {"model": model, "prompt": "hi", "max_tokens": 10**9}
     assert_error(http.post("/v1/completions", json=body), 400, "max_tokens")
+
+
+def test_n_choices(client: openai.OpenAI) -> None:
+    out = client.chat.completions.create(model="echo", messages=[{"role": "user", "content": "a b"}], n=3)
+    assert [c.index for c in out.choices] == [0, 1, 2]
+    assert {c.message.content for c in out.choices} == {"a b"}
+    assert out.usage.completion_tokens == 6 and out.usage.prompt_tokens == 2
+    stream = client.completions.create(model="echo", prompt="x y", n=2, stream=True)
+    texts = ["", ""]
+    for chunk in stream:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+    assert texts == ["x y", "x y"]
+
+
+@pytest.mark.parametrize(
+    ("model", "extra", "param"),
+    [
+        ("echo", {"logprobs": 2}, "logprobs"),
+        ("tiny", {"presence_penalty": 0.5}, "presence_penalty"),
+        ("tiny", {"frequency_penalty": -0.5}, "frequency_penalty"),
+    ],
+)
+def test_unsupported_sampling_is_refused_not_ignored(
+    http: httpx.Client, model: str, extra: dict[str, Any], param: str
+) -> None:
+    r = http.post("/v1/completions", json={"model": model, "prompt": "x", **extra})
+    assert "not supported" in assert_error(r, 400, param)["message"]
 
 
 def test_unknown_model_is_404(client: openai.OpenAI, http: httpx.Client) -> None:

@@ -1,0 +1,197 @@
+"""Chat and text completion responses: `n` choices fanned out over the router, OpenAI bodies and SSE chunks."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from deployments.api.errors import to_error_response
+from deployments.api.openai_models import ChatCompletionRequest, CompletionRequest, new_id, usage
+from deployments.api.sse import DONE, event
+from deployments.engines.protocol import GenerateChunk, GenerateRequest, TokenLogprob
+from deployments.router import Router
+
+__all__ = ["Completion", "SYSTEM_FINGERPRINT"]
+
+SYSTEM_FINGERPRINT = "modelfleet-0.1.0"
+_END = object()
+
+
+def _choices_of(request: GenerateRequest, n: int) -> list[GenerateRequest]:
+    """`n` independent engine requests; a seeded request gets seeds seed, seed+1, ... so choices differ."""
+    if n == 1:
+        return [request]
+    out = []
+    for i in range(n):
+        sampling = request.sampling
+        if sampling.seed is not None:
+            sampling = sampling.model_copy(update={"seed": sampling.seed + i})
+        out.append(request.model_copy(update={"request_id": f"{request.request_id}-{i}", "sampling": sampling}))
+    return out
+
+
+def _chat_logprobs(tokens: tuple[TokenLogprob, ...] | None) -> dict[str, Any] | None:
+    if tokens is None:
+        return None
+
+    def entry(token: str, logprob: float) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+    return {
+        "content": [
+            {**entry(t.token, t.logprob), "top_logprobs": [entry(tok, lp) for tok, lp in t.top]} for t in tokens
+        ]
+    }
+
+
+def _text_logprobs(tokens: tuple[TokenLogprob, ...] | None, offset: int = 0) -> dict[str, Any] | None:
+    if tokens is None:
+        return None
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t.token)
+    return {
+        "text_offset": offsets,
+        "token_logprobs": [t.logprob for t in tokens],
+        "tokens": [t.token for t in tokens],
+        "top_logprobs": [dict(t.top) for t in tokens],
+    }
+
+
+class Completion:
+    """One chat or text completion request, from engine chunks to OpenAI JSON or SSE."""
+
+    def __init__(
+        self, router: Router, body: ChatCompletionRequest | CompletionRequest, request: GenerateRequest, *, chat: bool
+    ) -> None:
+        self.router = router
+        self.body = body
+        self.chat = chat
+        self.requests = _choices_of(request, body.n)
+        self.request_id = request.request_id
+        self.id = new_id("chatcmpl" if chat else "cmpl")
+        self.created = int(time.time())
+
+    def _choice(self, index: int, chunk: GenerateChunk, *, delta: bool, text_offset: int = 0) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": index}
+        if self.chat:
+            if delta:
+                choice["delta"] = {"content": chunk.text}
+            else:
+                choice["message"] = {
+                    "role": "assistant",
+                    "content": chunk.text,
+                    "refusal": None,
+                    "annotations": None,
+                    "audio": None,
+                    "function_call": None,
+                }
+            choice["logprobs"] = _chat_logprobs(chunk.logprobs)
+        else:
+            choice["text"] = chunk.text
+            choice["logprobs"] = _text_logprobs(chunk.logprobs, text_offset)
+        choice["finish_reason"] = chunk.finish_reason
+        choice["stop_reason"] = None
+        return choice
+
+    def _envelope(self, *, chunk: bool) -> dict[str, Any]:
+        kind = "chat.completion" if self.chat else "text_completion"
+        return {
+            "id": self.id,
+            "object": f"{kind}.chunk" if chunk and self.chat else kind,
+            "created": self.created,
+            "model": self.body.model,
+        }
+
+    async def response(self) -> dict[str, Any]:
+        """The whole (non-streamed) response body.
+
+        Raises:
+            ServingError: any choice failed.
+        """
+        outs = await asyncio.gather(*(self.router.complete(self.body.model, r) for r in self.requests))
+        return {
+            **self._envelope(chunk=False),
+            "choices": [self._choice(i, out, delta=False) for i, out in enumerate(outs)],
+            "service_tier": None,
+            "system_fingerprint": SYSTEM_FINGERPRINT,
+            "usage": {
+                **usage(outs[0].prompt_tokens, sum(o.completion_tokens for o in outs)),
+                "prompt_tokens_details": None,
+                "completion_tokens_details": None,
+            },
+        }
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        """Start every choice's stream and wait for its first chunk, then return the SSE body.
+
+        Waiting first means a request the engine rejects (prompt too long, ...) gets its real status
+        code instead of a 200 followed by an error event.
+
+        Raises:
+            ServingError: a choice failed before its first chunk.
+        """
+        streams = [self.router.stream(self.body.model, r) for r in self.requests]
+        try:
+            firsts = await asyncio.gather(*(anext(s, None) for s in streams))
+        except BaseException:
+            await asyncio.gather(*(s.aclose() for s in streams), return_exceptions=True)  # type: ignore[attr-defined]
+            raise
+        return self._sse(streams, firsts)
+
+    async def _sse(
+        self, streams: list[AsyncIterator[GenerateChunk]], firsts: list[GenerateChunk | None]
+    ) -> AsyncIterator[bytes]:
+        base = self._envelope(chunk=True)
+        queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+
+        async def pump(index: int, stream: AsyncIterator[GenerateChunk]) -> None:
+            try:
+                async for chunk in stream:
+                    await queue.put((index, chunk))
+            except Exception as exc:  # noqa: BLE001 - forwarded to the boundary below
+                await queue.put((index, exc))
+            await queue.put((index, _END))
+
+        offsets = [0] * len(streams)
+        last: list[GenerateChunk | None] = list(firsts)
+
+        def frame(index: int, chunk: GenerateChunk) -> bytes:
+            choice = self._choice(index, chunk, delta=True, text_offset=offsets[index])
+            offsets[index] += len(chunk.text)
+            return event({**base, "choices": [choice]})
+
+        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams) if firsts[i] is not None]
+        try:
+            if self.chat:
+                for i in range(len(streams)):
+                    role = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                            "finish_reason": None}
+                    yield event({**base, "choices": [role]})
+            for i, first in enumerate(firsts):
+                if first is not None:
+                    yield frame(i, first)
+            running = len(tasks)
+            while running:
+                index, item = await queue.get()
+                if item is _END:
+                    running -= 1
+                elif isinstance(item, Exception):
+                    raise item
+                else:
+                    last[index] = item
+                    yield frame(index, item)
+            if self.body.include_usage and all(c is not None for c in last):
+                done = [c for c in last if c is not None]
+                totals = usage(done[0].prompt_tokens, sum(c.completion_tokens for c in done))
+                yield event({**base, "choices": [], "usage": totals, "system_fingerprint": SYSTEM_FINGERPRINT})
+        except Exception as exc:  # noqa: BLE001 - the boundary: a mid-stream failure becomes an error event
+            _, error_body = to_error_response(exc, self.request_id)
+            yield event(error_body.model_dump())
+        finally:
+            for task in tasks:
+                task.cancel()
+        yield DONE
