@@ -11,6 +11,7 @@ __all__ = [
     "BatchingConfig",
     "FrozenModel",
     "ModelSpec",
+    "ParallelismConfig",
     "ResourcesConfig",
     "ScalingConfig",
 ]
@@ -91,6 +92,22 @@ class BatchingConfig(FrozenModel):
     )
 
 
+class ParallelismConfig(FrozenModel):
+    """How one replica spreads over several workers (vLLM only): one placement-group bundle per worker."""
+
+    tensor_parallel_size: int = Field(1, ge=1, le=64, description="Workers that split each layer (vLLM).")
+    pipeline_parallel_size: int = Field(1, ge=1, le=64, description="Workers that split the layer stack (vLLM).")
+    placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = Field(
+        "STRICT_PACK",
+        description="Ray placement strategy of the workers' bundles; STRICT_PACK keeps them on one node.",
+    )
+
+    @property
+    def world_size(self) -> int:
+        """Workers per replica: tensor_parallel_size x pipeline_parallel_size."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+
 class ModelSpec(FrozenModel):
     """One model the cluster serves: what it is, which engine runs it, and what it costs."""
 
@@ -98,8 +115,11 @@ class ModelSpec(FrozenModel):
     task: Literal["generate", "embed"] = Field(
         description="'generate' serves /v1/chat/completions and /v1/completions; 'embed' serves /v1/embeddings."
     )
-    engine: Literal["transformers", "echo"] = Field(
-        description="Engine that runs the model: 'transformers' (PyTorch) or 'echo' (deterministic, no ML)."
+    engine: Literal["vllm", "transformers", "echo"] = Field(
+        description=(
+            "Engine that runs the model: 'vllm' (LLMs), 'transformers' (PyTorch: embeddings, small models) "
+            "or 'echo' (deterministic, no ML)."
+        )
     )
     source: str | None = Field(
         None,
@@ -120,7 +140,13 @@ class ModelSpec(FrozenModel):
     normalize: bool = Field(True, description="Embeddings only: L2-normalise each vector.")
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Ray resources per replica.")
     scaling: ScalingConfig = Field(default_factory=ScalingConfig, description="Replica counts and autoscaling.")
-    batching: BatchingConfig = Field(default_factory=BatchingConfig, description="Dynamic batching in the engine.")
+    batching: BatchingConfig = Field(
+        default_factory=BatchingConfig,
+        description="Dynamic batching in the engine (transformers; vLLM batches continuously by itself).",
+    )
+    parallelism: ParallelismConfig = Field(
+        default_factory=ParallelismConfig, description="Tensor/pipeline parallel workers per replica (vLLM)."
+    )
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Engine-specific options, passed through and checked by the engine."
     )
@@ -138,6 +164,20 @@ class ModelSpec(FrozenModel):
     def _engine_needs(self) -> ModelSpec:
         if self.engine != "echo" and not self.source:
             raise ValueError(f"engine '{self.engine}' needs `source`: a packaged model name or a model folder path")
+        if self.parallelism.world_size > 1 and self.engine != "vllm":
+            raise ValueError(
+                f"tensor/pipeline parallelism needs engine 'vllm'; the {self.engine} engine runs in one process: "
+                "set parallelism.tensor_parallel_size and pipeline_parallel_size to 1"
+            )
+        if self.engine == "vllm" and self.task != "generate":
+            raise ValueError("the vllm engine serves task 'generate'; serve embeddings with engine 'transformers'")
+        device = self.engine_kwargs.get("device")
+        if device == "cpu" and self.resources.num_gpus > 0:
+            raise ValueError("engine_kwargs.device is 'cpu' but resources.num_gpus > 0: drop one of them")
+        if self.resources.num_gpus > 0 and self.resources.num_gpus != int(self.resources.num_gpus) and (
+            self.parallelism.world_size > 1
+        ):
+            raise ValueError("with tensor/pipeline parallelism, `num_gpus` (per worker) must be a whole number")
         return self
 
     @property

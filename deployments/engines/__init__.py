@@ -29,6 +29,7 @@ __all__ = [
 _ENGINES = {
     "echo": ("deployments.engines.echo", "EchoEngine"),
     "transformers": ("deployments.engines.transformers", "TransformersEngine"),
+    "vllm": ("deployments.engines.vllm", "VLLMEngine"),
 }
 
 
