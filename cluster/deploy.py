@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 
 from cluster.local import ClusterError, ClusterState
+from cluster.placement import replica_demand, unschedulable_reason
 from cluster.settings import get_settings
 from deployments.config import ServingConfig
 
@@ -33,6 +34,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 _DEPLOYED_FILE = "deployed.json"
+_UNSCHEDULABLE_GRACE_S = 20.0
 # The repo root is Ray's working_dir; only the code travels, never the venv or caches.
 _WORKING_DIR_EXCLUDES = [".venv", ".git", "**/__pycache__", ".pytest_cache", ".mypy_cache", "docs", "tests"]
 
@@ -48,6 +50,7 @@ class DeploymentRow:
     engine: str
     resources: str
     message: str
+    pending: str = ""
 
 
 def connect(state: ClusterState) -> None:
@@ -102,27 +105,69 @@ def deploy(
     from deployments.app import build_app
 
     application = build_app(config)
+    _record(config)  # before it runs, so `modelfleet status` can explain an app that stays pending
     deadline = time.monotonic() + timeout_s
     last_line = ""
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        future = pool.submit(serve.run, application, name=config.name, route_prefix=config.route_prefix)
-        while not future.done():
-            line = _progress_line(config.name)
-            if line and line != last_line:
-                on_progress(line)
-                last_line = line
-            if time.monotonic() > deadline:
-                raise ClusterError(f"app '{config.name}' was not running after {timeout_s:.0f} s: {last_line}")
-            time.sleep(1.0)
+    stuck_since: float | None = None
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
         try:
-            future.result()
-        except Exception as exc:  # noqa: BLE001 - Serve raises RuntimeError or its own types; report them all
-            raise ClusterError(f"deploying '{config.name}' failed: {exc}") from exc
-    _record(config)
+            serve.run(application, name=config.name, route_prefix=config.route_prefix)
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread below
+            outcome.append(exc)
+
+    # serve.run blocks until the app runs, possibly forever (nothing can place it): run it in a daemon
+    # thread so that giving up here never waits on it.
+    runner = threading.Thread(target=run, name="serve-run", daemon=True)
+    runner.start()
+    while runner.is_alive():
+        line = _progress_line(config.name)
+        reasons = pending_reasons(config)
+        if reasons:
+            line += " | waiting for resources: " + "; ".join(f"{d}: {r}" for d, r in reasons.items())
+            stuck_since = stuck_since or time.monotonic()
+            # A local cluster has no autoscaler: what cannot be placed now never will be.
+            if time.monotonic() - stuck_since > _UNSCHEDULABLE_GRACE_S:
+                raise ClusterError(
+                    f"app '{config.name}' cannot be placed: {'; '.join(reasons.values())}. "
+                    "It stays pending (see `modelfleet status`); change the model's resources and deploy again."
+                )
+        else:
+            stuck_since = None
+        if line and line != last_line:
+            on_progress(line)
+            last_line = line
+        if time.monotonic() > deadline:
+            raise ClusterError(f"app '{config.name}' was not running after {timeout_s:.0f} s: {last_line}")
+        runner.join(timeout=1.0)
+    if outcome and outcome[0] is not None:
+        raise ClusterError(f"deploying '{config.name}' failed: {outcome[0]}") from outcome[0]
     base = f"http://{host}:{port}{config.route_prefix.rstrip('/')}"
     on_progress("deployments running; checking that every model answers ...")
     wait_ready(base, timeout_s=max(deadline - time.monotonic(), 30.0))
     return base
+
+
+def _alive_nodes() -> list[dict[str, float]]:
+    import ray
+
+    return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+
+
+def pending_reasons(config: ServingConfig) -> dict[str, str]:
+    """Deployment name -> why its replicas can never be placed on this cluster (only those that cannot)."""
+    from deployments.app import replica_options
+
+    nodes = _alive_nodes()
+    reasons = {}
+    for spec in config.models:
+        bundles, strategy = replica_demand(replica_options(spec))
+        reason = unschedulable_reason(bundles, strategy, nodes)
+        if reason:
+            reasons[spec.deployment_name] = reason
+    return reasons
 
 
 def _serve_running() -> bool:
@@ -189,6 +234,16 @@ def _deployed() -> dict[str, Any]:
     return data
 
 
+def _summarize(message: str) -> str:
+    """Serve's deployment messages can hold a whole traceback: keep its first line and the error itself."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    if not lines:
+        return ""
+    if len(lines) > 2 and any(line.startswith(("Traceback", "File ")) for line in lines):
+        return f"{lines[0][:200]} ... {lines[-1][:300]}"
+    return " ".join(lines)[:500]
+
+
 def status(state: ClusterState) -> list[DeploymentRow]:
     """Every app and deployment on the cluster, with replica counts and each model's engine and resources."""
     from ray import serve
@@ -198,9 +253,11 @@ def status(state: ClusterState) -> list[DeploymentRow]:
     rows = []
     for app_name, app in serve.status().applications.items():
         specs = {}
+        pending: dict[str, str] = {}
         if app_name in deployed:
             cfg = ServingConfig.model_validate(deployed[app_name])
             specs = {spec.deployment_name: spec for spec in cfg.models}
+            pending = pending_reasons(cfg)
         for dep_name, dep in app.deployments.items():
             spec = specs.get(dep_name)
             running = dep.replica_states.get("RUNNING", 0)
@@ -212,17 +269,26 @@ def status(state: ClusterState) -> list[DeploymentRow]:
                 resources = f"cpu={r.num_cpus:g} gpu={r.num_gpus:g}" + (
                     f" {r.accelerator_type}" if r.accelerator_type else ""
                 )
+                if spec.parallelism.world_size > 1:
+                    p = spec.parallelism
+                    resources += f" x{p.world_size} workers (tp={p.tensor_parallel_size} pp={p.pipeline_parallel_size})"
             states = ", ".join(f"{k.lower()}={v}" for k, v in sorted(dep.replica_states.items()))
             message = dep.message or (app.message if dep.status.value != "HEALTHY" else "")
+            reason = pending.get(dep_name, "") if running < max(total, 1) else ""
+            state_name = dep.status.value
+            if reason:
+                state_name = "PENDING"
+                message = f"cannot be placed: {reason}"
             rows.append(
                 DeploymentRow(
                     app=app_name,
                     deployment=dep_name,
-                    status=dep.status.value,
+                    status=state_name,
                     replicas=f"{running}/{total}" + (f" ({states})" if states and running != total else ""),
                     engine=engine,
                     resources=resources,
-                    message=message.strip().replace("\n", " ")[:160],
+                    message=_summarize(message),
+                    pending=reason,
                 )
             )
     return rows

@@ -66,6 +66,9 @@ def replica_options(spec: ModelSpec) -> dict[str, Any]:
         # Loading weights and a warm-up answer can take minutes on a busy CPU.
         "health_check_timeout_s": 60,
         "graceful_shutdown_timeout_s": 10,
+        # A replica whose engine cannot start (bad weights path, GPUs on a CPU build) fails the same way
+        # every time: report it after 3 tries instead of Serve's default 20.
+        "max_constructor_retry_count": 3,
     }
     if bundles is not None:
         options["placement_group_bundles"] = bundles

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 from deployments import engines
 from deployments.engines.protocol import (
@@ -87,6 +89,20 @@ class ModelReplica:
     async def ready(self) -> bool:
         """True: a replica that answers has finished warm-up."""
         return True
+
+    async def placement(self) -> dict[str, Any]:
+        """Where Ray put this replica: node, GPU ids, CUDA_VISIBLE_DEVICES and placement-group bundles."""
+        import ray
+        from ray.util import get_current_placement_group
+
+        group = get_current_placement_group()
+        return {
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+            # Set by Ray for the GPUs it assigned to this actor; read here only to report it.
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "bundles": group.bundle_specs if group is not None else None,
+        }
 
     async def check_health(self) -> None:
         """Serve's periodic health check; an EngineDeadError makes Serve replace the replica."""

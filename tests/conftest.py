@@ -11,6 +11,11 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Test clusters listen on loopback only. Ray rewrites a 127.0.0.1 address to the host's outward IP unless
+# this flag is off, and a driver given an explicit address sends the auth token only in token mode
+# (cluster.deploy sets the same two for the CLI).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 _TESTS = Path(__file__).parent
 

@@ -50,29 +50,47 @@ def tiny_bert(model_cache: Path) -> Path:
     return resolve_source("tiny-bert", cache_dir=model_cache)
 
 
+GPU_NODE_GPUS = 2
+GPU_NODE_ACCELERATOR = "H100"
+
+
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[int]:
-    """A real local Ray cluster with Serve's HTTP proxy on 127.0.0.1:<free port>; yields that port."""
+    """A real local two-node Ray cluster on 127.0.0.1, with Serve's HTTP proxy on a free port; yields the port.
+
+    The head has CPUs only. The second node advertises GPUs and an accelerator type as resources (no GPU
+    is present), so placement of GPU specs is tested for real without one.
+    """
     import ray
     from ray import serve
+    from ray.cluster_utils import Cluster
 
     # Short path: Ray's unix sockets live under the temp dir (107-byte limit).
     temp_dir = tempfile.mkdtemp(prefix="mf-ray-", dir="/tmp")
-    port = free_port()
-    ray.init(
-        num_cpus=8,
-        include_dashboard=False,
-        namespace="tests",
-        _temp_dir=temp_dir,
-        _node_ip_address="127.0.0.1",
-        log_to_driver=False,
+    common = {"node_ip_address": "127.0.0.1", "temp_dir": temp_dir}
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={**common, "num_cpus": 8, "include_dashboard": False},
     )
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    cluster.add_node(
+        **common,
+        num_cpus=2,
+        num_gpus=GPU_NODE_GPUS,
+        resources={f"accelerator_type:{GPU_NODE_ACCELERATOR}": 1},
+    )
+    ray.init(address=cluster.address, namespace="tests", log_to_driver=False)
+    port = free_port()
+    # One proxy, on the head: a proxy per node would bind the same loopback port twice.
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
     try:
         yield port
     finally:
         serve.shutdown()
         ray.shutdown()
+        # Not cluster.shutdown(): both nodes share 127.0.0.1, the driver may have attached to the GPU
+        # node's raylet, and Cluster refuses to remove "the driver's node" even after ray.shutdown().
+        for node in [*cluster.worker_nodes, cluster.head_node]:
+            node.kill_all_processes(check_alive=False, allow_graceful=True, wait=True)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
