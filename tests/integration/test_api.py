@@ -48,6 +48,15 @@ def base(deploy: Deploy, tiny_llama: Path, tiny_bert: Path) -> str:
                     "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.02},
                 },
                 {
+                    "id": "tiny-vllm",
+                    "task": "generate",
+                    "engine": "vllm",
+                    "source": str(tiny_llama),
+                    "context_length": 256,
+                    "max_output_tokens": 64,
+                    "resources": {"num_cpus": 1},
+                },
+                {
                     "id": "tiny-embed",
                     "task": "embed",
                     "engine": "transformers",
@@ -88,7 +97,7 @@ def assert_error(response: httpx.Response, status: int, param: str | None = None
 
 def test_list_models(client: openai.OpenAI) -> None:
     ids = {m.id for m in client.models.list()}
-    assert ids == {"echo", "echo-embed", "tiny", "tiny-embed"}
+    assert ids == {"echo", "echo-embed", "tiny", "tiny-vllm", "tiny-embed"}
 
 
 def test_health_and_readiness(http: httpx.Client) -> None:
@@ -97,7 +106,7 @@ def test_health_and_readiness(http: httpx.Client) -> None:
     assert ready.status_code == 200
     assert ready.json() == {
         "ready": True,
-        "models": {"echo": True, "echo-embed": True, "tiny": True, "tiny-embed": True},
+        "models": {"echo": True, "echo-embed": True, "tiny": True, "tiny-vllm": True, "tiny-embed": True},
     }
 
 
@@ -163,9 +172,13 @@ def test_embeddings_echo_float_and_base64(client: openai.OpenAI, http: httpx.Cli
     assert raw.json()["data"][0]["embedding"] == pytest.approx(out.data[0].embedding, rel=1e-6)
 
 
-def test_transformers_chat(client: openai.OpenAI) -> None:
+LLMS = ["tiny", "tiny-vllm"]
+
+
+@pytest.mark.parametrize("model", LLMS)
+def test_generation_chat(client: openai.OpenAI, model: str) -> None:
     out = client.chat.completions.create(
-        model="tiny", messages=[{"role": "user", "content": "Hello there"}], max_tokens=8, temperature=0
+        model=model, messages=[{"role": "user", "content": "Hello there"}], max_tokens=8, temperature=0
     )
     choice = out.choices[0]
     assert isinstance(choice.message.content, str)
@@ -174,9 +187,10 @@ def test_transformers_chat(client: openai.OpenAI) -> None:
     assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
 
 
-def test_transformers_stream_matches_non_stream(client: openai.OpenAI) -> None:
+@pytest.mark.parametrize("model", LLMS)
+def test_generation_stream_matches_non_stream(client: openai.OpenAI, model: str) -> None:
     kwargs: dict[str, Any] = {
-        "model": "tiny",
+        "model": model,
         "messages": [{"role": "user", "content": "Count with me"}],
         "max_tokens": 12,
         "temperature": 0,
@@ -188,10 +202,35 @@ def test_transformers_stream_matches_non_stream(client: openai.OpenAI) -> None:
     assert streamed == whole
 
 
-def test_transformers_completion(client: openai.OpenAI) -> None:
-    out = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=5, temperature=0)
+@pytest.mark.parametrize("model", LLMS)
+def test_generation_completion(client: openai.OpenAI, model: str) -> None:
+    out = client.completions.create(model=model, prompt="Once upon a time", max_tokens=5, temperature=0)
     assert out.usage.completion_tokens <= 5
     assert out.choices[0].finish_reason in {"stop", "length"}
+
+
+def test_vllm_logprobs_penalties_and_n(client: openai.OpenAI) -> None:
+    out = client.chat.completions.create(
+        model="tiny-vllm",
+        messages=[{"role": "user", "content": "Hello"}],
+        max_tokens=5,
+        temperature=0.8,
+        seed=7,
+        n=2,
+        logprobs=True,
+        top_logprobs=3,
+        presence_penalty=0.5,
+        frequency_penalty=0.5,
+    )
+    assert [c.index for c in out.choices] == [0, 1]
+    for choice in out.choices:
+        assert choice.logprobs is not None and choice.logprobs.content
+        for token in choice.logprobs.content:
+            assert token.logprob <= 0 and len(token.top_logprobs) == 3
+    text = client.completions.create(model="tiny-vllm", prompt="Once", max_tokens=4, logprobs=2, temperature=0)
+    lp = text.choices[0].logprobs
+    assert lp is not None and len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
+    assert lp.text_offset[0] == 0
 
 
 def test_transformers_embeddings(client: openai.OpenAI) -> None:
@@ -235,7 +274,7 @@ def test_schema_errors_are_400(http: httpx.Client, path: str, body: dict[str, An
     assert_error(http.post(path, json=body), 400, param)
 
 
-@pytest.mark.parametrize("model", ["echo", "tiny"])
+@pytest.mark.parametrize("model", ["echo", *LLMS])
 def test_huge_max_tokens(http: httpx.Client, model: str) -> None:
     body = {"model": model, "prompt": "hi", "max_tokens": 10**9}
     assert_error(http.post("/v1/completions", json=body), 400, "max_tokens")
@@ -285,14 +324,20 @@ def test_wrong_task_is_400(http: httpx.Client) -> None:
     assert_error(r, 400, "model")
 
 
-def test_prompt_longer_than_context(client: openai.OpenAI, http: httpx.Client) -> None:
-    long_prompt = "word " * 400  # tiny's context is 256 tokens
-    r = http.post("/v1/completions", json={"model": "tiny", "prompt": long_prompt, "max_tokens": 4})
+@pytest.mark.parametrize("model", LLMS)
+def test_prompt_longer_than_context(client: openai.OpenAI, http: httpx.Client, model: str) -> None:
+    long_prompt = "word " * 400  # the tiny models' context is 256 tokens
+    r = http.post("/v1/completions", json={"model": model, "prompt": long_prompt, "max_tokens": 4})
     assert "maximum context length" in assert_error(r, 400, "prompt")["message"]
     # Streaming requests get the same status, not a 200 followed by an error event.
     with pytest.raises(openai.BadRequestError):
-        for _ in client.completions.create(model="tiny", prompt=long_prompt, max_tokens=4, stream=True):
+        for _ in client.completions.create(model=model, prompt=long_prompt, max_tokens=4, stream=True):
             pass
+    assert http_ready(str(http.base_url).rstrip("/")), "a prompt over the context never kills the engine"
+
+
+def test_prompt_longer_than_embedding_context(http: httpx.Client) -> None:
+    long_prompt = "word " * 400
     r = http.post("/v1/embeddings", json={"model": "tiny-embed", "input": ["ok", long_prompt]})
     assert_error(r, 400, "input")
 
@@ -318,9 +363,10 @@ def test_unknown_route_is_openai_shaped_404(http: httpx.Client) -> None:
     assert_error(http.get("/v1/nothing-here"), 404)
 
 
-def test_bad_request_in_burst_fails_nobody_else(base: str) -> None:
-    good = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "temperature": 0}
-    bad = {"model": "tiny", "messages": [{"role": "user", "content": "word " * 400}], "max_tokens": 6}
+@pytest.mark.parametrize("model", LLMS)
+def test_bad_request_in_burst_fails_nobody_else(base: str, model: str) -> None:
+    good = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "temperature": 0}
+    bad = {"model": model, "messages": [{"role": "user", "content": "word " * 400}], "max_tokens": 6}
     bodies = [good] * 7 + [bad] + [good] * 8
 
     def post(body: dict[str, Any]) -> httpx.Response:
