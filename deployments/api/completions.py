@@ -162,7 +162,10 @@ class Completion:
         def frame(index: int, chunk: GenerateChunk) -> bytes:
             choice = self._choice(index, chunk, delta=True, text_offset=offsets[index])
             offsets[index] += len(chunk.text)
-            return event({**base, "choices": [choice]})
+            payload = {**base, "choices": [choice]}
+            if chunk.finish_reason is not None:  # as vLLM's server does, on each choice's final chunk
+                payload["system_fingerprint"] = SYSTEM_FINGERPRINT
+            return event(payload)
 
         tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams) if firsts[i] is not None]
         try:

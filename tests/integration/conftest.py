@@ -121,3 +121,58 @@ def deploy(ray_cluster: int) -> Iterator[Callable[[dict[str, Any]], str]]:
     yield _deploy
     for name in names:
         serve.delete(name)
+
+
+@pytest.fixture(scope="session")
+def main_app(deploy: Callable[[dict[str, Any]], str], tiny_llama: Path, tiny_bert: Path) -> str:
+    """The shared app: echo models, tiny Llama on transformers and on vLLM, a tiny BERT encoder."""
+    return deploy(
+        {
+            "name": "main",
+            "route_prefix": "/",
+            "models": [
+                {
+                    "id": "echo",
+                    "task": "generate",
+                    "engine": "echo",
+                    "resources": {"num_cpus": 0.25},
+                    "engine_kwargs": {"fail_marker": "__fail__"},
+                },
+                {
+                    "id": "echo-embed",
+                    "task": "embed",
+                    "engine": "echo",
+                    "resources": {"num_cpus": 0.25},
+                    "engine_kwargs": {"dimensions": 16},
+                },
+                {
+                    "id": "tiny",
+                    "task": "generate",
+                    "engine": "transformers",
+                    "source": str(tiny_llama),
+                    "context_length": 256,
+                    "max_output_tokens": 64,
+                    "resources": {"num_cpus": 1},
+                    "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.02},
+                },
+                {
+                    "id": "tiny-vllm",
+                    "task": "generate",
+                    "engine": "vllm",
+                    "source": str(tiny_llama),
+                    "context_length": 256,
+                    "max_output_tokens": 64,
+                    "resources": {"num_cpus": 1},
+                },
+                {
+                    "id": "tiny-embed",
+                    "task": "embed",
+                    "engine": "transformers",
+                    "source": str(tiny_bert),
+                    "context_length": 128,
+                    "resources": {"num_cpus": 0.5},
+                },
+            ],
+            "router": {"max_body_bytes": 65536},
+        }
+    )

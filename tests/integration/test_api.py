@@ -17,57 +17,8 @@ Deploy = Callable[[dict[str, Any]], str]
 
 
 @pytest.fixture(scope="module")
-def base(deploy: Deploy, tiny_llama: Path, tiny_bert: Path) -> str:
-    return deploy(
-        {
-            "name": "main",
-            "route_prefix": "/",
-            "models": [
-                {
-                    "id": "echo",
-                    "task": "generate",
-                    "engine": "echo",
-                    "resources": {"num_cpus": 0.25},
-                    "engine_kwargs": {"fail_marker": "__fail__"},
-                },
-                {
-                    "id": "echo-embed",
-                    "task": "embed",
-                    "engine": "echo",
-                    "resources": {"num_cpus": 0.25},
-                    "engine_kwargs": {"dimensions": 16},
-                },
-                {
-                    "id": "tiny",
-                    "task": "generate",
-                    "engine": "transformers",
-                    "source": str(tiny_llama),
-                    "context_length": 256,
-                    "max_output_tokens": 64,
-                    "resources": {"num_cpus": 1},
-                    "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.02},
-                },
-                {
-                    "id": "tiny-vllm",
-                    "task": "generate",
-                    "engine": "vllm",
-                    "source": str(tiny_llama),
-                    "context_length": 256,
-                    "max_output_tokens": 64,
-                    "resources": {"num_cpus": 1},
-                },
-                {
-                    "id": "tiny-embed",
-                    "task": "embed",
-                    "engine": "transformers",
-                    "source": str(tiny_bert),
-                    "context_length": 128,
-                    "resources": {"num_cpus": 0.5},
-                },
-            ],
-            "router": {"max_body_bytes": 65536},
-        }
-    )
+def base(main_app: str) -> str:
+    return main_app
 
 
 @pytest.fixture(scope="module")
