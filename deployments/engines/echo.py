@@ -15,6 +15,8 @@ from deployments.engines.protocol import (
     Engine,
     GenerateChunk,
     GenerateRequest,
+    check_context,
+    check_output_budget,
     require_basic_sampling,
 )
 from deployments.errors import EngineStartError, InvalidRequestError
@@ -66,18 +68,8 @@ class EchoEngine(Engine, EmbeddingEngine):
             param = "prompt"
         sampling = request.sampling
         require_basic_sampling(sampling, "echo")
-        if sampling.max_tokens > self.spec.max_output_tokens:
-            raise InvalidRequestError(
-                f"max_tokens is {sampling.max_tokens}, above this model's limit of {self.spec.max_output_tokens}",
-                param="max_tokens",
-            )
-        if len(prompt_words) + sampling.max_tokens > self.context_length:
-            raise InvalidRequestError(
-                f"This model's maximum context length is {self.context_length} tokens; the prompt has "
-                f"{len(prompt_words)} tokens and max_tokens asks for {sampling.max_tokens}. "
-                "Shorten the prompt or lower max_tokens.",
-                param=param,
-            )
+        check_output_budget(self.spec, sampling)
+        check_context(self.context_length, len(prompt_words), sampling, param)
         failing = bool(self._fail_marker) and self._fail_marker in " ".join(source)
         words = source or ["echo"]
         count = min(sampling.max_tokens, len(words))

@@ -25,6 +25,8 @@ __all__ = [
     "GenerateRequest",
     "SamplingConfig",
     "TokenLogprob",
+    "check_context",
+    "check_output_budget",
     "require_basic_sampling",
 ]
 
@@ -69,6 +71,34 @@ def require_basic_sampling(sampling: SamplingConfig, engine: str) -> None:
             f"{', '.join(used)} {'is' if len(used) == 1 else 'are'} not supported by the {engine} engine; "
             "leave them unset or serve the model on vllm",
             param=used[0],
+        )
+
+
+def check_output_budget(spec: ModelSpec, sampling: SamplingConfig) -> None:
+    """Refuse a `max_tokens` above the model's `max_output_tokens`, before any work.
+
+    Raises:
+        InvalidRequestError: it is above.
+    """
+    if sampling.max_tokens > spec.max_output_tokens:
+        raise InvalidRequestError(
+            f"max_tokens is {sampling.max_tokens}; this model allows at most {spec.max_output_tokens}",
+            param="max_tokens",
+        )
+
+
+def check_context(context_length: int, prompt_tokens: int, sampling: SamplingConfig, param: str) -> None:
+    """Refuse a request whose prompt plus `max_tokens` does not fit the context, before it joins a batch.
+
+    Raises:
+        InvalidRequestError: it does not fit; `param` names the prompt when the prompt alone is too long,
+            else `max_tokens`.
+    """
+    if prompt_tokens + sampling.max_tokens > context_length:
+        raise InvalidRequestError(
+            f"This model's maximum context length is {context_length} tokens; the prompt has {prompt_tokens} "
+            f"tokens and max_tokens asks for {sampling.max_tokens} more. Shorten the {param} or lower max_tokens.",
+            param=param if prompt_tokens >= context_length else "max_tokens",
         )
 
 

@@ -27,6 +27,8 @@ from deployments.engines.protocol import (
     GenerateChunk,
     GenerateRequest,
     SamplingConfig,
+    check_context,
+    check_output_budget,
     require_basic_sampling,
 )
 from deployments.errors import EngineDeadError, EngineStartError, InvalidRequestError
@@ -267,11 +269,7 @@ class TransformersEngine(Engine, EmbeddingEngine):
         self._running_worker()
         sampling = request.sampling
         require_basic_sampling(sampling, "transformers")
-        if sampling.max_tokens > self.spec.max_output_tokens:
-            raise InvalidRequestError(
-                f"max_tokens is {sampling.max_tokens}; this model allows at most {self.spec.max_output_tokens}",
-                param="max_tokens",
-            )
+        check_output_budget(self.spec, sampling)
         if request.messages is not None:
             param = "messages"
             if not self._tokenizer.chat_template:
@@ -291,13 +289,7 @@ class TransformersEngine(Engine, EmbeddingEngine):
         ids = list(ids)
         if not ids:
             raise InvalidRequestError("the prompt is empty", param=param)
-        limit, used = self._context_length, len(ids)
-        if used + sampling.max_tokens > limit:
-            raise InvalidRequestError(
-                f"This model's maximum context length is {limit} tokens; the prompt has {used} tokens and "
-                f"max_tokens asks for {sampling.max_tokens} more. Shorten the {param} or lower max_tokens.",
-                param=param if used >= limit else "max_tokens",
-            )
+        check_context(self._context_length, len(ids), sampling, param)
         return _GenerateJob(ids, sampling)
 
     def _running_worker(self) -> BatchWorker[Any]:

@@ -23,6 +23,8 @@ from deployments.engines.protocol import (
     GenerateRequest,
     SamplingConfig,
     TokenLogprob,
+    check_context,
+    check_output_budget,
 )
 from deployments.errors import EngineDeadError, EngineError, EngineStartError, InvalidRequestError
 from models.spec import ModelSpec
@@ -320,11 +322,7 @@ class VLLMEngine(Engine):
     async def _prompt_ids(self, request: GenerateRequest) -> list[int]:
         """Tokenize like vLLM's own endpoints and check the output budget and the context length."""
         sampling = request.sampling
-        if sampling.max_tokens > self.spec.max_output_tokens:
-            raise InvalidRequestError(
-                f"max_tokens is {sampling.max_tokens}; this model allows at most {self.spec.max_output_tokens}",
-                param="max_tokens",
-            )
+        check_output_budget(self.spec, sampling)
         param = "messages" if request.messages is not None else "prompt"
         size = len(request.prompt or "") + sum(len(m.content) for m in request.messages or ())
         if size > _INLINE_RENDER_CHARS:
@@ -333,13 +331,7 @@ class VLLMEngine(Engine):
             ids = self._render(request)
         if not ids:
             raise InvalidRequestError("the prompt is empty", param=param)
-        limit, used = self._context_length, len(ids)
-        if used + sampling.max_tokens > limit:
-            raise InvalidRequestError(
-                f"This model's maximum context length is {limit} tokens; the prompt has {used} tokens and "
-                f"max_tokens asks for {sampling.max_tokens} more. Shorten the {param} or lower max_tokens.",
-                param=param,
-            )
+        check_context(self._context_length, len(ids), sampling, param)
         return ids
 
     def _render(self, request: GenerateRequest) -> list[int]:

@@ -74,6 +74,9 @@ def test_context_and_output_limits() -> None:
     eng = engine(context_length=16, max_output_tokens=8)
     with pytest.raises(InvalidRequestError, match="maximum context length is 16") as info:
         run(collect(eng, GenerateRequest(request_id="r", prompt="w " * 12, sampling=SamplingConfig(max_tokens=8))))
+    assert info.value.param == "max_tokens", "the prompt alone fits: lowering max_tokens is the fix"
+    with pytest.raises(InvalidRequestError, match="maximum context length is 16") as info:
+        run(collect(eng, GenerateRequest(request_id="r", prompt="w " * 16, sampling=SamplingConfig(max_tokens=1))))
     assert info.value.param == "prompt"
     with pytest.raises(InvalidRequestError) as info2:
         run(collect(eng, GenerateRequest(request_id="r", prompt="w", sampling=SamplingConfig(max_tokens=9))))
