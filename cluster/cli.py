@@ -19,6 +19,7 @@ from deployments.config import ConfigError, ServingConfig, load_config
 
 __all__ = ["main"]
 
+_QUESTION = "What is the capital of France?"
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "deployments" / "configs" / "default.yaml"
 
 
@@ -59,7 +60,7 @@ def _example(base: str, config: ServingConfig) -> str:
         lines += [
             "Try it:",
             f"  curl {base}/v1/chat/completions -H 'Content-Type: application/json' \\",
-            f'    -d \'{{"model": "{chat}", "messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}\'',
+            f"    -d '{json.dumps({'model': chat, 'messages': [{'role': 'user', 'content': _QUESTION}]})}'",
         ]
     if embed:
         lines += [

@@ -8,9 +8,9 @@ import os
 import socket
 import threading
 import time
-from importlib import metadata
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 

@@ -138,14 +138,17 @@ def run(n: int, concurrency: int) -> dict[str, Any]:
     port = free_port()
     temp_dir = tempfile.mkdtemp(prefix="mf-bench-", dir="/tmp")
     t0 = time.perf_counter()
-    ray.init(num_cpus=8, include_dashboard=False, _temp_dir=temp_dir, _node_ip_address="127.0.0.1",
-             log_to_driver=False)
+    ray.init(num_cpus=8, include_dashboard=False, _temp_dir=temp_dir, _node_ip_address="127.0.0.1", log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     config = ServingConfig.model_validate({"models": _models(), "router": {"port": port}})
     serve.run(build_app(config), name="bench", route_prefix="/")
     base = f"http://127.0.0.1:{port}"
-    body = {"model": "smollm2", "messages": [{"role": "user", "content": "What is the capital of France?"}],
-            "max_tokens": 16, "temperature": 0}
+    body = {
+        "model": "smollm2",
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "max_tokens": 16,
+        "temperature": 0,
+    }
     answer = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=300).json()
     results["cold_start_s"] = time.perf_counter() - t0
     results["first_answer"] = answer["choices"][0]["message"]["content"]

@@ -43,9 +43,7 @@ def _show(resources: Resources) -> str:
     return "{" + ", ".join(f"{k}: {resources[k]:g}" for k in keys) + "}"
 
 
-def unschedulable_reason(
-    bundles: Sequence[Resources], strategy: str, nodes: Sequence[Resources]
-) -> str | None:
+def unschedulable_reason(bundles: Sequence[Resources], strategy: str, nodes: Sequence[Resources]) -> str | None:
     """Why no node set of this cluster can ever hold the replica (by total resources), or None if one can.
 
     Args:

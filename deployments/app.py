@@ -98,8 +98,7 @@ def build_app(args: ServingConfig) -> Application:
     """
     config = args if isinstance(args, ServingConfig) else ServingConfig.model_validate(args)
     replicas = {
-        spec.id: serve.deployment(ModelReplica).options(**replica_options(spec)).bind(spec)
-        for spec in config.models
+        spec.id: serve.deployment(ModelReplica).options(**replica_options(spec)).bind(spec) for spec in config.models
     }
     ingress = serve.deployment(serve.ingress(app)(OpenAIIngress)).options(
         name=INGRESS_NAME,

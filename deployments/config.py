@@ -33,9 +33,7 @@ class RouterConfig(FrozenModel):
     )
     num_replicas: int = Field(1, ge=1, description="Replicas of the router (ingress) deployment.")
     num_cpus: float = Field(0.5, ge=0, description="Logical CPUs reserved for each router replica.")
-    max_ongoing_requests: int = Field(
-        1024, ge=1, description="Most requests one router replica holds at once."
-    )
+    max_ongoing_requests: int = Field(1024, ge=1, description="Most requests one router replica holds at once.")
 
 
 class ServingConfig(FrozenModel):

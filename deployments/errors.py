@@ -1,15 +1,15 @@
 """The one exception hierarchy of modelfleet; the API layer maps it to OpenAI error bodies.
 
-    ServingError                         base; attrs: status_code, error_type, param, code
-    ├── InvalidRequestError      400     bad parameters, prompt longer than the context
-    ├── AuthenticationError      401     missing or wrong API key
-    ├── ModelNotFoundError       404     unknown model id
-    ├── RequestTimeoutError      408     the request ran past the router's request_timeout_s
-    ├── RequestTooLargeError     413     request body over the router's limit
-    ├── OverloadedError          429     queue full / backpressure
-    └── EngineError              500     the engine failed while serving
-        ├── EngineStartError     500     weights or tokenizer could not be loaded
-        └── EngineDeadError      503     the engine stopped answering; Serve restarts the replica
+ServingError                         base; attrs: status_code, error_type, param, code
+├── InvalidRequestError      400     bad parameters, prompt longer than the context
+├── AuthenticationError      401     missing or wrong API key
+├── ModelNotFoundError       404     unknown model id
+├── RequestTimeoutError      408     the request ran past the router's request_timeout_s
+├── RequestTooLargeError     413     request body over the router's limit
+├── OverloadedError          429     queue full / backpressure
+└── EngineError              500     the engine failed while serving
+    ├── EngineStartError     500     weights or tokenizer could not be loaded
+    └── EngineDeadError      503     the engine stopped answering; Serve restarts the replica
 """
 
 from __future__ import annotations

@@ -62,9 +62,7 @@ class Router:
         """
         spec = self._specs.get(model_id)
         if spec is None:
-            raise ModelNotFoundError(
-                f"The model '{model_id}' does not exist. Served models: {', '.join(self._specs)}"
-            )
+            raise ModelNotFoundError(f"The model '{model_id}' does not exist. Served models: {', '.join(self._specs)}")
         if spec.task != task:
             raise InvalidRequestError(
                 f"The model '{model_id}' serves {_TASK_NAMES[spec.task]}, not {_TASK_NAMES[task]}", param="model"

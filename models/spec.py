@@ -55,9 +55,7 @@ class ScalingConfig(FrozenModel):
     initial_replicas: int | None = Field(
         None, ge=0, description="Replicas started at deploy time; defaults to min_replicas (at least 1)."
     )
-    target_ongoing_requests: float = Field(
-        4.0, gt=0, description="Autoscaling target: in-flight requests per replica."
-    )
+    target_ongoing_requests: float = Field(4.0, gt=0, description="Autoscaling target: in-flight requests per replica.")
     max_ongoing_requests: int = Field(
         64,
         ge=1,
@@ -71,9 +69,7 @@ class ScalingConfig(FrozenModel):
                 f"`min_replicas` ({self.min_replicas}) is above `max_replicas` ({self.max_replicas}): "
                 "raise max_replicas or lower min_replicas"
             )
-        if self.initial_replicas is not None and not (
-            self.min_replicas <= self.initial_replicas <= self.max_replicas
-        ):
+        if self.initial_replicas is not None and not (self.min_replicas <= self.initial_replicas <= self.max_replicas):
             raise ValueError("`initial_replicas` must lie between `min_replicas` and `max_replicas`")
         return self
 
@@ -135,9 +131,7 @@ class ModelSpec(FrozenModel):
     context_length: int | None = Field(
         None, ge=16, description="Most tokens (prompt + output) per request; defaults to the model's own limit."
     )
-    max_output_tokens: int = Field(
-        1024, ge=1, description="Upper bound for `max_tokens` in one request."
-    )
+    max_output_tokens: int = Field(1024, ge=1, description="Upper bound for `max_tokens` in one request.")
     normalize: bool = Field(True, description="Embeddings only: L2-normalise each vector.")
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Ray resources per replica.")
     scaling: ScalingConfig = Field(default_factory=ScalingConfig, description="Replica counts and autoscaling.")
@@ -172,8 +166,10 @@ class ModelSpec(FrozenModel):
             )
         if self.engine == "vllm" and self.task != "generate":
             raise ValueError("the vllm engine serves task 'generate'; serve embeddings with engine 'transformers'")
-        if self.resources.num_gpus > 0 and self.resources.num_gpus != int(self.resources.num_gpus) and (
-            self.parallelism.world_size > 1
+        if (
+            self.resources.num_gpus > 0
+            and self.resources.num_gpus != int(self.resources.num_gpus)
+            and (self.parallelism.world_size > 1)
         ):
             raise ValueError("with tensor/pipeline parallelism, `num_gpus` (per worker) must be a whole number")
         return self

@@ -171,8 +171,12 @@ class Completion:
         try:
             if self.chat:
                 for i in range(len(streams)):
-                    role = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                            "finish_reason": None}
+                    role = {
+                        "index": i,
+                        "delta": {"role": "assistant", "content": ""},
+                        "logprobs": None,
+                        "finish_reason": None,
+                    }
                     yield event({**base, "choices": [role]})
             for i, first in enumerate(firsts):
                 if first is not None:

@@ -6,8 +6,8 @@ import base64
 import hmac
 import logging
 import uuid
-from dataclasses import dataclass
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -18,6 +18,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from deployments.api.completions import Completion
 from deployments.api.errors import to_error_response, validation_message
 from deployments.api.openai_models import (
     ChatCompletionRequest,
@@ -29,7 +30,6 @@ from deployments.api.openai_models import (
     ModelList,
     usage,
 )
-from deployments.api.completions import Completion
 from deployments.config import ServingConfig
 from deployments.engines.protocol import EmbedRequest, GenerateRequest
 from deployments.errors import (

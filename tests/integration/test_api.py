@@ -6,7 +6,6 @@ import concurrent.futures
 import json
 import math
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import httpx

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -102,8 +101,11 @@ def test_serve_runs_until_sigterm(home: Path) -> None:
             [*CLI, "serve", str(config)], env=_env(home), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT
         )
     try:
-        wait_for(lambda: "Press Ctrl-C" in log.read_text() or proc.poll() is not None, timeout=300,
-                 message="`modelfleet serve` did not become ready")
+        wait_for(
+            lambda: "Press Ctrl-C" in log.read_text() or proc.poll() is not None,
+            timeout=300,
+            message="`modelfleet serve` did not become ready",
+        )
         assert proc.poll() is None, log.read_text()
         text = log.read_text()
         assert f"curl http://127.0.0.1:{port}/v1/chat/completions" in text
@@ -120,4 +122,3 @@ def test_serve_runs_until_sigterm(home: Path) -> None:
             proc.wait(timeout=30)
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
-

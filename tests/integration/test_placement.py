@@ -51,9 +51,7 @@ def test_gpu_replica_lands_on_the_gpu_node(ray_cluster: int, cleanup: list[str])
     config = ServingConfig.model_validate({"name": "gpu", "route_prefix": "/gpu", "models": [spec]})
     cleanup.append("gpu")
     serve.run(build_app(config), name="gpu", route_prefix="/gpu")
-    where = serve.get_deployment_handle("replica:echo-gpu", app_name="gpu").placement.remote().result(
-        timeout_s=60
-    )
+    where = serve.get_deployment_handle("replica:echo-gpu", app_name="gpu").placement.remote().result(timeout_s=60)
     assert where["node_id"] == _gpu_node_id()
     assert len(where["gpu_ids"]) == 1 and int(where["gpu_ids"][0]) in range(GPU_NODE_GPUS)
     assert where["cuda_visible_devices"] == where["gpu_ids"][0]

@@ -97,7 +97,11 @@ def test_same_fields_as_vllm_server(case: str, vllm_base: str, main_app: str) ->
     if isinstance(theirs, list):
         assert len(ours) >= 2 and len(theirs) >= 2
         # Stream shape: compare the first chunk, a content chunk and the last chunk of each.
-        for label, a, b in (("first", theirs[0], ours[0]), ("middle", theirs[1], ours[1]), ("last", theirs[-1], ours[-1])):
+        for label, a, b in (
+            ("first", theirs[0], ours[0]),
+            ("middle", theirs[1], ours[1]),
+            ("last", theirs[-1], ours[-1]),
+        ):
             _compare(a, b, f"{case}[{label}]", problems)
     else:
         _compare(theirs, ours, case, problems)

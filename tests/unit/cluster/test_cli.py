@@ -34,7 +34,9 @@ def test_models_lists_packaged(capsys: pytest.CaptureFixture[str]) -> None:
         assert name in out
 
 
-def test_status_without_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_status_without_cluster(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("MODELFLEET_HOME", str(tmp_path))
     assert main(["status", "--json"]) == 1
     assert json.loads(capsys.readouterr().out) == {"cluster": None, "deployments": []}
