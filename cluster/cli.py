@@ -210,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_prepare)
     p = sub.add_parser("schema", help="print the config JSON Schema")
     p.set_defaults(func=_cmd_schema)
+    # `bench` keeps its own parser (cluster.bench); everything after the word goes to it.
+    sub.add_parser("bench", help="load-test an endpoint and compare with baselines (see `modelfleet bench -h`)")
     return parser
 
 
@@ -217,6 +219,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `modelfleet` console script."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        from cluster import bench
+
+        return bench.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)

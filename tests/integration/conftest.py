@@ -9,7 +9,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from cluster.local import free_port
@@ -74,7 +73,8 @@ def ray_cluster() -> Iterator[int]:
     )
     cluster.add_node(
         **common,
-        num_cpus=2,
+        # Enough logical CPUs that the shared app's replicas landing here never crowd out the GPU tests.
+        num_cpus=8,
         num_gpus=GPU_NODE_GPUS,
         resources={f"accelerator_type:{GPU_NODE_ACCELERATOR}": 1},
     )
@@ -99,80 +99,78 @@ def deploy(ray_cluster: int) -> Iterator[Callable[[dict[str, Any]], str]]:
     """Deploy a config (as a dict) as its own Serve app; returns its base URL once /readyz is 200."""
     from ray import serve
 
-    from deployments.app import build_app
+    from cluster import deploy as deploying
+    from cluster.local import ClusterState
 
     names: list[str] = []
+    # The test process is already a driver of this cluster: `deploy` sees that and reuses the connection.
+    state = ClusterState(pid=0, gcs_address="in-process", temp_dir="", log_file="", num_cpus=8)
 
     def _deploy(raw: dict[str, Any]) -> str:
-        config = ServingConfig.model_validate(raw)
-        serve.run(build_app(config), name=config.name, route_prefix=config.route_prefix)
+        router = {"port": ray_cluster, **raw.get("router", {})}
+        config = ServingConfig.model_validate({**raw, "router": router})
         names.append(config.name)
-        base = f"http://127.0.0.1:{ray_cluster}{config.route_prefix.rstrip('/')}"
-
-        def ready() -> bool:
-            try:
-                return httpx.get(f"{base}/readyz", timeout=10).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for(ready, timeout=READY_TIMEOUT_S, message=f"app {config.name} never became ready at {base}")
-        return base
+        # The real deploy path: a deadline, unplaceable specs reported, and /readyz (a real answer) awaited.
+        return deploying.deploy(config, state, timeout_s=READY_TIMEOUT_S)
 
     yield _deploy
     for name in names:
         serve.delete(name)
 
 
+def main_app_config(tiny_llama: Path, tiny_bert: Path) -> dict[str, Any]:
+    """The shared app: echo models, tiny Llama on transformers and on vLLM, a tiny BERT encoder."""
+    return {
+        "name": "main",
+        "route_prefix": "/",
+        "models": [
+            {
+                "id": "echo",
+                "task": "generate",
+                "engine": "echo",
+                "resources": {"num_cpus": 0.25},
+                "engine_kwargs": {"fail_marker": "__fail__"},
+            },
+            {
+                "id": "echo-embed",
+                "task": "embed",
+                "engine": "echo",
+                "resources": {"num_cpus": 0.25},
+                "engine_kwargs": {"dimensions": 16},
+            },
+            {
+                "id": "tiny",
+                "task": "generate",
+                "engine": "transformers",
+                "source": str(tiny_llama),
+                "context_length": 256,
+                "max_output_tokens": 64,
+                "resources": {"num_cpus": 1},
+                "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.02},
+            },
+            {
+                "id": "tiny-vllm",
+                "task": "generate",
+                "engine": "vllm",
+                "source": str(tiny_llama),
+                "context_length": 256,
+                "max_output_tokens": 64,
+                "resources": {"num_cpus": 1},
+            },
+            {
+                "id": "tiny-embed",
+                "task": "embed",
+                "engine": "transformers",
+                "source": str(tiny_bert),
+                "context_length": 128,
+                "resources": {"num_cpus": 0.5},
+            },
+        ],
+        "router": {"max_body_bytes": 65536},
+    }
+
+
 @pytest.fixture(scope="session")
 def main_app(deploy: Callable[[dict[str, Any]], str], tiny_llama: Path, tiny_bert: Path) -> str:
-    """The shared app: echo models, tiny Llama on transformers and on vLLM, a tiny BERT encoder."""
-    return deploy(
-        {
-            "name": "main",
-            "route_prefix": "/",
-            "models": [
-                {
-                    "id": "echo",
-                    "task": "generate",
-                    "engine": "echo",
-                    "resources": {"num_cpus": 0.25},
-                    "engine_kwargs": {"fail_marker": "__fail__"},
-                },
-                {
-                    "id": "echo-embed",
-                    "task": "embed",
-                    "engine": "echo",
-                    "resources": {"num_cpus": 0.25},
-                    "engine_kwargs": {"dimensions": 16},
-                },
-                {
-                    "id": "tiny",
-                    "task": "generate",
-                    "engine": "transformers",
-                    "source": str(tiny_llama),
-                    "context_length": 256,
-                    "max_output_tokens": 64,
-                    "resources": {"num_cpus": 1},
-                    "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.02},
-                },
-                {
-                    "id": "tiny-vllm",
-                    "task": "generate",
-                    "engine": "vllm",
-                    "source": str(tiny_llama),
-                    "context_length": 256,
-                    "max_output_tokens": 64,
-                    "resources": {"num_cpus": 1},
-                },
-                {
-                    "id": "tiny-embed",
-                    "task": "embed",
-                    "engine": "transformers",
-                    "source": str(tiny_bert),
-                    "context_length": 128,
-                    "resources": {"num_cpus": 0.5},
-                },
-            ],
-            "router": {"max_body_bytes": 65536},
-        }
-    )
+    """The shared app (see `main_app_config`), deployed once per session."""
+    return deploy(main_app_config(tiny_llama, tiny_bert))

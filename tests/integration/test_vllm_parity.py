@@ -14,7 +14,9 @@ from typing import Any
 import httpx
 import pytest
 
-from cluster.vllm_server import VLLMServer
+from cluster.bench_baselines import vllm_server
+from deployments.config import ServingConfig
+from tests.integration.conftest import main_app_config
 
 # Fields vLLM's server adds beyond OpenAI's API, which modelfleet does not return.
 VLLM_ONLY = {
@@ -32,8 +34,13 @@ VLLM_ONLY = {
 
 
 @pytest.fixture(scope="module")
-def vllm_base(tiny_llama: Path) -> Iterator[str]:
-    with VLLMServer(tiny_llama, served_name="tiny-vllm", max_model_len=256) as server:
+def vllm_base(
+    main_app: str, tiny_llama: Path, tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """vLLM's own server, started from the very spec the shared app serves as `tiny-vllm`."""
+    spec = ServingConfig.model_validate(main_app_config(tiny_llama, tiny_bert)).model("tiny-vllm")
+    assert spec is not None
+    with vllm_server(spec, ready_timeout_s=300, log_dir=tmp_path_factory.mktemp("vllm-server")) as server:
         yield server.base_url
 
 

