@@ -111,13 +111,15 @@ def _raise_stop(signum: int, frame: object) -> None:
 def _cmd_serve(args: argparse.Namespace) -> int:
     config = _config(args.config)
     started = time.monotonic()
-    prepare_models(config)
+    # A process started in the background begins with SIGINT ignored, and Kubernetes, systemd and CI stop
+    # processes with TERM: handle both explicitly, from the start.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _raise_stop)
     owned = local.read_state() is None
-    state = local.up(num_cpus=args.num_cpus, dashboard=args.dashboard)
     try:
-        # ray.init installs its own TERM handler (it aborts the process), so connect first and then take
-        # SIGINT and SIGTERM back. A process started in the background begins with SIGINT ignored, and
-        # Kubernetes, systemd and CI stop processes with TERM: handle both explicitly.
+        prepare_models(config)
+        state = local.up(num_cpus=args.num_cpus, dashboard=args.dashboard)
+        # ray.init installs its own TERM handler (it aborts the process): take the signals back after it.
         deploying.connect(state)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, _raise_stop)
@@ -129,8 +131,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except _Stop as stop:
         _say(f"{stop}: stopping ...")
     finally:
-        if owned:
-            local.down()
+        if owned and local.down():
             _say("stopped the local cluster")
     return 0
 

@@ -107,7 +107,7 @@ def deploy(ray_cluster: int) -> Iterator[Callable[[dict[str, Any]], str]]:
     state = ClusterState(pid=0, gcs_address="in-process", temp_dir="", log_file="", num_cpus=8)
 
     def _deploy(raw: dict[str, Any]) -> str:
-        router = {"port": ray_cluster, **raw.get("router", {})}
+        router = {**raw.get("router", {}), "port": ray_cluster}  # the session's proxy port, always
         config = ServingConfig.model_validate({**raw, "router": router})
         names.append(config.name)
         # The real deploy path: a deadline, unplaceable specs reported, and /readyz (a real answer) awaited.
