@@ -83,8 +83,18 @@ def _cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stop_cluster() -> bool:
+    state = local.read_state()
+    if state is None:
+        return False
+    # Serve first, gracefully: `ray start --block` drains for 30 s on TERM and then kills the replicas
+    # outright, which leaves vLLM's shared memory behind.
+    deploying.stop_serving(state)
+    return local.down()
+
+
 def _cmd_down(args: argparse.Namespace) -> int:
-    _say("stopped the local cluster" if local.down() else "no local cluster is running")
+    _say("stopped the local cluster" if _stop_cluster() else "no local cluster is running")
     return 0
 
 
@@ -131,7 +141,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except _Stop as stop:
         _say(f"{stop}: stopping ...")
     finally:
-        if owned and local.down():
+        if owned and _stop_cluster():
             _say("stopped the local cluster")
     return 0
 

@@ -21,7 +21,7 @@ from cluster.placement import replica_demand, unschedulable_reason
 from cluster.settings import get_settings
 from deployments.config import ServingConfig
 
-__all__ = ["DeploymentRow", "connect", "deploy", "status", "wait_ready"]
+__all__ = ["DeploymentRow", "connect", "deploy", "status", "stop_serving", "wait_ready"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +69,24 @@ def connect(state: ClusterState) -> None:
         log_to_driver=False,
         logging_level=logging.WARNING,
     )
+
+
+def stop_serving(state: ClusterState, *, timeout_s: float = 90.0) -> None:
+    """Shut Serve down gracefully (replicas run their engines' shutdown, which frees vLLM's shared memory),
+    then disconnect this driver. Bounded: a stuck shutdown is left to `local.down`'s kill."""
+    import ray
+    from ray import serve
+
+    try:
+        connect(state)
+    except ConnectionError:
+        return  # the cluster is already gone
+    stopper = threading.Thread(target=serve.shutdown, name="serve-shutdown", daemon=True)
+    stopper.start()
+    stopper.join(timeout_s)
+    if stopper.is_alive():
+        logger.warning("Serve did not shut down within %.0f s; stopping the cluster anyway", timeout_s)
+    ray.shutdown()
 
 
 def _installed(distribution: str) -> bool:
