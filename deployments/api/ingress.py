@@ -45,7 +45,6 @@ __all__ = ["OpenAIIngress", "app"]
 
 logger = logging.getLogger(__name__)
 
-_REQUEST_ID_HEADER = "x-request-id"
 _OPEN_PATHS = {"/healthz", "/readyz", "/openapi.json", "/docs"}
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 404, 408, 413, 429, 500, 503)
@@ -53,10 +52,8 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 def _request_id(request: Request) -> str:
-    rid: str = request.scope.setdefault("modelfleet.request_id", request.headers.get(_REQUEST_ID_HEADER) or "")
-    if not rid:
-        rid = uuid.uuid4().hex
-        request.scope["modelfleet.request_id"] = rid
+    # Set for every HTTP request by _LimitsMiddleware, the outermost layer.
+    rid: str = request.scope["modelfleet.request_id"]
     return rid
 
 

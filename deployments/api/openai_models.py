@@ -18,7 +18,6 @@ __all__ = [
     "ErrorResponse",
     "ModelCard",
     "ModelList",
-    "Usage",
     "new_id",
 ]
 
@@ -164,14 +163,6 @@ class EmbeddingRequest(_Request):
     def texts(self) -> tuple[str, ...]:
         """The inputs as a tuple."""
         return (self.input,) if isinstance(self.input, str) else tuple(self.input)
-
-
-class Usage(_Response):
-    """Token counts of one request."""
-
-    prompt_tokens: int
-    completion_tokens: int = 0
-    total_tokens: int
 
 
 class ModelCard(_Response):
