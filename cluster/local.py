@@ -14,8 +14,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cluster.settings import get_settings
+from deployments import cpus as cpu_plan
 
-__all__ = ["ClusterError", "ClusterState", "down", "free_port", "read_state", "up"]
+__all__ = ["ClusterError", "ClusterState", "down", "free_port", "read_state", "settle_cpus", "up"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ class ClusterState:
     log_file: str
     num_cpus: int
     dashboard_port: int | None = None
+    engine_cpus: str | None = None  # cores kept for engine compute; Ray's processes run on the others
 
     @property
     def alive(self) -> bool:
@@ -96,20 +98,26 @@ def _wait_port(port: int, deadline: float, proc: subprocess.Popen[bytes], log_fi
     raise ClusterError(f"Ray's GCS did not open port {port} in time; see {log_file}")
 
 
-def up(*, num_cpus: int | None = None, dashboard: bool = False, timeout_s: float = 120.0) -> ClusterState:
+def up(
+    *, num_cpus: int | None = None, dashboard: bool = False, engine_cpus: str = "auto", timeout_s: float = 120.0
+) -> ClusterState:
     """Start a local Ray head bound to 127.0.0.1 (or return the one already running).
 
     Args:
         num_cpus: logical CPUs to advertise. Defaults to at least 8, more than the cores, so that a model
             replica asking for CPUs never starves the router (see FIELD-NOTES).
         dashboard: also start Ray's dashboard (needed for `ray job submit`).
+        engine_cpus: cores kept for engine compute ('auto', 'off' or a CPU list; see `deployments.cpus`):
+            exported to Ray's processes, so engines move their compute onto them; `settle_cpus` moves the
+            rest of the cluster onto the other cores once an app answers. Ray's workers start at niceness 0
+            so that engines can outrank the serving processes.
         timeout_s: how long to wait for the head to come up.
 
     Returns:
         The state of the running cluster.
 
     Raises:
-        ClusterError: the head did not start.
+        ClusterError: the head did not start, or `engine_cpus` is not usable here.
     """
     existing = read_state()
     if existing is not None:
@@ -138,9 +146,23 @@ def up(*, num_cpus: int | None = None, dashboard: bool = False, timeout_s: float
         cmd += ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"]
     else:
         cmd += ["--include-dashboard=false"]
+    try:
+        plan = cpu_plan.plan_cpus(engine_cpus)
+    except ValueError as exc:
+        raise ClusterError(f"--engine-cpus: {exc}") from None
+    env = {**os.environ, "RAY_worker_niceness": "0"}
+    if plan is not None:
+        env[cpu_plan.ENGINE_CPUS_ENV] = cpu_plan.format_cpu_list(plan.engine)
+        logger.info("local cluster: %s", plan.describe())
     with log_file.open("wb") as log:
         # A session of its own: `down` signals this process group and nothing else on the machine.
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
     _wait_port(port, time.monotonic() + timeout_s, proc, log_file)
     state = ClusterState(
         pid=proc.pid,
@@ -149,9 +171,25 @@ def up(*, num_cpus: int | None = None, dashboard: bool = False, timeout_s: float
         log_file=str(log_file),
         num_cpus=cpus,
         dashboard_port=dashboard_port,
+        engine_cpus=cpu_plan.format_cpu_list(plan.engine) if plan is not None else None,
     )
     _state_path().write_text(json.dumps(asdict(state)))
     return state
+
+
+def settle_cpus(state: ClusterState) -> int:
+    """Move the cluster's serving threads onto the cores `up` kept free of engines (a no-op without a split).
+
+    Returns:
+        How many threads were moved.
+    """
+    if not state.engine_cpus:
+        return 0
+    engine = cpu_plan.parse_cpu_list(state.engine_cpus)
+    serving = cpu_plan.usable_cpus() - engine
+    if not serving:
+        return 0
+    return cpu_plan.pin_process_tree(state.pid, cpu_plan.CpuPlan(engine=engine, serving=frozenset(serving)))
 
 
 def down(timeout_s: float = 60.0) -> bool:

@@ -8,7 +8,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from deployments import engines
+from deployments import cpus, engines
 from deployments.engines.protocol import (
     EmbeddingEngine,
     EmbedRequest,
@@ -40,6 +40,10 @@ class ModelReplica:
         self.engine = cls(spec)
         started = time.monotonic()
         await self.engine.start()
+        if self.engine.computes_out_of_process:
+            # The engine's processes are started (and keep their priority): this process now only moves
+            # requests and tokens, and yields the CPU to them when it is contended.
+            cpus.lower_priority()
         await self._warm_up()
         self.ready_after_s = time.monotonic() - started
         logger.info("model %s ready (%s engine) in %.1f s", spec.id, spec.engine, self.ready_after_s)

@@ -18,6 +18,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from deployments import cpus
 from deployments.api.completions import Completion
 from deployments.api.errors import to_error_response, validation_message
 from deployments.api.openai_models import (
@@ -191,6 +192,8 @@ class OpenAIIngress:
         self.router = Router(config, replicas)
         _limits.max_body_bytes = config.router.max_body_bytes
         _limits.api_keys = tuple(k.get_secret_value().encode() for k in config.router.api_keys)
+        # Routing moves bytes; the engines' processes come first when the CPU is contended.
+        cpus.lower_priority()
 
     @app.get("/healthz")
     async def healthz(self) -> dict[str, str]:

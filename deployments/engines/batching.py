@@ -78,8 +78,10 @@ class BatchWorker(Generic[P]):
         *,
         max_batch_size: int,
         wait_timeout_s: float,
+        on_start: Callable[[], None] | None = None,
     ) -> None:
         self._name = name
+        self._on_start = on_start
         self._run_batch = run_batch
         self._max_batch_size = max_batch_size
         self._wait_timeout_s = wait_timeout_s
@@ -129,6 +131,8 @@ class BatchWorker(Generic[P]):
 
     def _main(self) -> None:
         try:
+            if self._on_start is not None:
+                self._on_start()
             while not self._stopping.is_set():
                 batch = self._next_batch()
                 if batch:

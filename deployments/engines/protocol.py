@@ -163,6 +163,10 @@ class EmbedResult(FrozenModel):
 class Engine(abc.ABC):
     """Runs one model inside one replica. Implementations: VLLMEngine, TransformersEngine, EchoEngine."""
 
+    #: True when the model computes in processes of the engine's own (started by `start`), not in the
+    #: replica's threads: the replica then lowers its own priority below the engine's.
+    computes_out_of_process: bool = False
+
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - the usual torch alias
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
+from deployments import cpus
 from deployments.engines.batching import BatchStats, BatchWorker, WorkItem
 from deployments.engines.protocol import (
     EmbeddingEngine,
@@ -110,11 +111,19 @@ class TransformersEngine(Engine, EmbeddingEngine):
             run_batch,
             max_batch_size=self.spec.batching.max_batch_size,
             wait_timeout_s=self.spec.batching.batch_wait_timeout_s,
+            on_start=self._pin_worker,
         )
         self._worker.start()
         logger.info(
             "model %s ready on %s (%s, context %d)", self.spec.id, self._device, self._model.dtype, self._context_length
         )
+
+    def _pin_worker(self) -> None:
+        """On CPU, compute on the engine cores a launcher reserved (deployments.cpus), if any: the batch
+        thread and the torch threads it starts run there, away from the serving processes."""
+        reserved = cpus.engine_cpus()
+        if reserved and self._device.type == "cpu" and cpus.pin_current_thread(reserved):
+            logger.info("model %s computes on cores %s", self.spec.id, cpus.format_cpu_list(reserved))
 
     async def check_health(self) -> None:
         """Return if the worker thread runs.

@@ -16,6 +16,7 @@ from typing import Any
 
 import jinja2
 
+from deployments import cpus
 from deployments.engines.protocol import (
     Engine,
     FinishReason,
@@ -60,8 +61,14 @@ class VLLMEngine(Engine):
     `quantization`, `gpu_memory_utilization`, `kv_cache_memory_bytes`, `enforce_eager`, `seed`), except the
     fields a ModelSpec field sets (`model`, `dtype`, `max_model_len`, parallel sizes). Two modelfleet keys
     configure the CPU build: `cpu_kvcache_space_gb` (KV cache size; default 1 GiB) and `cpu_omp_threads_bind`
-    (`VLLM_CPU_OMP_THREADS_BIND`: 'auto', 'nobind' or core lists like '0-3'; default: vLLM's 'auto').
+    (`VLLM_CPU_OMP_THREADS_BIND`: 'auto', 'nobind' or core lists like '0-3'; default: the engine cores a
+    launcher reserved (`deployments.cpus`), else vLLM's 'auto').
+
+    The model runs in vLLM's own processes, not in the replica's: `computes_out_of_process` lets the replica
+    step back in priority once they are started.
     """
+
+    computes_out_of_process = True
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__(spec)
@@ -267,6 +274,9 @@ class VLLMEngine(Engine):
                 kwargs["kv_cache_memory_bytes"] = int(_DEFAULT_CPU_KV_CACHE_GIB * _GIB)
             if "VLLM_CPU_KVCACHE_SPACE" in os.environ:
                 logger.warning("VLLM_CPU_KVCACHE_SPACE is set in the environment; vLLM lets it override the config")
+            if threads_bind is None and self.spec.parallelism.world_size == 1:
+                reserved = cpus.engine_cpus()  # a launcher kept these cores for engines (deployments.cpus)
+                threads_bind = cpus.format_cpu_list(reserved) if reserved else None
             if threads_bind is not None:
                 if not isinstance(threads_bind, str) or not threads_bind:
                     raise EngineStartError("engine_kwargs.cpu_omp_threads_bind must be a non-empty string")

@@ -11,13 +11,16 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
+import psutil
 import pytest
 import yaml
 
 from cluster.local import free_port
+from deployments import cpus
 from tests.integration.conftest import wait_for
 
 pytestmark = pytest.mark.slow
@@ -86,11 +89,31 @@ def test_up_deploy_status_down(home: Path) -> None:
     assert rows["replica:echo"]["resources"] == "cpu=0.5 gpu=0"
     table = _run(home, "status")
     assert "replica:echo-embed" in table.stdout and "HEALTHY" in table.stdout
+    _check_cpu_split(state)
 
     down = _run(home, "down")
     assert down.returncode == 0 and "stopped" in down.stdout
     wait_for(lambda: not _pid_alive(state["pid"]), timeout=60, message="ray head still running after down")
     assert not (home / "cluster.json").exists()
+
+
+def _check_cpu_split(state: dict[str, Any]) -> None:
+    """`up` (engine cores 'auto') ran Ray on the serving cores, exported the engine cores, and started its
+    workers at niceness 0; the router then stepped back to SERVING_NICE."""
+    plan = cpus.plan_cpus("auto")
+    if plan is None:  # one core: nothing to split
+        assert state["engine_cpus"] is None
+        return
+    assert state["engine_cpus"] == cpus.format_cpu_list(plan.engine)
+    head = psutil.Process(state["pid"])
+    assert set(head.cpu_affinity()) == plan.serving
+    assert head.environ()[cpus.ENGINE_CPUS_ENV] == state["engine_cpus"]
+    procs = {" ".join(p.cmdline()): p for p in head.children(recursive=True)}
+    router = next(p for cmd, p in procs.items() if cmd.startswith("ray::ServeReplica") and cmd.endswith(":router"))
+    echo = next(p for cmd, p in procs.items() if cmd.startswith("ray::ServeReplica") and cmd.endswith("replica:echo"))
+    assert set(router.cpu_affinity()) == plan.serving and set(echo.cpu_affinity()) == plan.serving
+    assert router.nice() == cpus.SERVING_NICE
+    assert echo.nice() == 0  # the echo engine computes in its replica: no step back
 
 
 def test_serve_runs_until_sigterm(home: Path) -> None:

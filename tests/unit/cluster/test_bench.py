@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -18,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from cluster import bench_baselines
+from cluster import bench_baselines, bench_report
 from cluster.bench import (
     LoadPlan,
     Mode,
@@ -33,6 +34,7 @@ from cluster.bench import (
     summarize,
 )
 from cluster.local import free_port
+from deployments import cpus
 from models.spec import ModelSpec
 
 # Recorded from vLLM 0.32's OpenAI server (SmolLM2, max_tokens 4, include_usage); one comment line added.
@@ -110,10 +112,20 @@ def _app() -> Starlette:
 
         return StreamingResponse(stream(), media_type="text/event-stream")
 
+    async def embed(request: Request) -> Response:
+        body = await request.json()
+        if body["model"] == "flaky" and next(counter) % 2:
+            return JSONResponse({"error": {"message": "boom", "type": "internal_error"}}, status_code=503)
+        await asyncio.sleep(CHUNK_DELAY_S)
+        vectors = [] if body["model"] == "empty" else [[0.5, 0.5] for _ in body["input"]]
+        data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)]
+        return JSONResponse({"object": "list", "data": data, "model": body["model"]})
+
     return Starlette(
         routes=[
             Route("/v1/chat/completions", handle, methods=["POST"]),
             Route("/v1/completions", handle, methods=["POST"]),
+            Route("/v1/embeddings", embed, methods=["POST"]),
         ]
     )
 
@@ -267,6 +279,17 @@ def test_closed_loop_counts_tokens_and_latency(server: str, mode: str) -> None:
     assert s["tpot_s"]["p50"] > 0 and s["output_tokens_per_s"] > 0 and s["requests_per_s"] > 0
 
 
+def test_embeddings_are_measured_per_request(server: str) -> None:
+    s = _load(server, "ok", mode="embeddings", concurrency=4, num_requests=9, warmup=1)
+    assert s["requests"] == 9 and s["completed"] == 9 and s["errors"] == {}
+    assert s["requests_per_s"] > 0 and s["e2e_s"]["p50"] >= CHUNK_DELAY_S
+    assert s["ttft_s"] is None and s["output_tokens"] == 0
+    s = _load(server, "flaky", mode="embeddings", concurrency=1, num_requests=4)
+    assert s["completed"] == 2 and s["errors"] == {"503": 2}
+    s = _load(server, "empty", mode="embeddings", concurrency=1, num_requests=2)
+    assert s["completed"] == 0 and s["errors"] == {"bad_response": 2}
+
+
 def test_without_usage_chunks_are_counted(server: str) -> None:
     s = _load(server, "nousage", concurrency=2, num_requests=4)
     assert s["completed"] == 4 and s["mean_output_tokens"] == CHUNKS
@@ -307,6 +330,9 @@ def test_plan_round_trips_for_the_in_process_child() -> None:
     assert again == plan
     assert plan.load_kwargs(("concurrency", 4.0))["concurrency"] == 4
     assert plan.load_kwargs(("rate", 2.5))["rate"] == 2.5
+    per_level = LoadPlan(levels=(("concurrency", 1.0), ("concurrency", 32.0)), level_requests=(16, 96))
+    assert LoadPlan.from_dict(json.loads(json.dumps(asdict(per_level)))) == per_level
+    assert [per_level.load_kwargs(level)["num_requests"] for level in per_level.levels] == [16, 96]
 
 
 # -- baselines: the vLLM server command line, and the report ------------------------------------------------
@@ -384,7 +410,7 @@ def _results() -> dict[str, Any]:
 
 
 def test_table_has_ratios() -> None:
-    table = bench_baselines.markdown_table(_results()["systems"])
+    table = bench_report.markdown_table(_results()["systems"])
     lines = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()}
     assert "modelfleet / vllm-server" in table
     assert "| 100.0 | 80.0 | 0.80x |" in lines["c=1 output tok/s"]
@@ -393,11 +419,18 @@ def test_table_has_ratios() -> None:
     assert "1 / 0" in lines["c=1 completed / errors"]
 
 
+def test_embeddings_table_reports_embeddings_per_second() -> None:
+    table = bench_report.markdown_table(_results()["systems"], "embeddings")
+    lines = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()}
+    assert "c=1 embeddings/s" in lines and "c=1 e2e p99 (ms)" in lines
+    assert "c=1 output tok/s" not in lines and "c=1 TTFT p50 (s)" not in lines
+
+
 def test_markdown_section_is_replaced_in_place(tmp_path: Path) -> None:
     doc = tmp_path / "bench.md"
     doc.write_text("# Benchmarks\n\nintro\n")
-    bench_baselines.write_markdown_section(doc, "Overhead", _results())
-    bench_baselines.write_markdown_section(doc, "Overhead", _results())
+    bench_report.write_markdown_section(doc, "Overhead", _results())
+    bench_report.write_markdown_section(doc, "Overhead", _results())
     text = doc.read_text()
     assert text.startswith("# Benchmarks\n\nintro\n") and text.count("## Overhead") == 1
     assert "`python -m x`" in text and "modelfleet / vllm-server" in text
@@ -405,7 +438,7 @@ def test_markdown_section_is_replaced_in_place(tmp_path: Path) -> None:
 
 def test_png_is_written(tmp_path: Path) -> None:
     out = tmp_path / "bench.png"
-    bench_baselines.write_png(_results(), out)
+    bench_report.write_png(_results(), out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -419,3 +452,22 @@ def test_main_measures_a_running_server(server: str, tmp_path: Path, capsys: pyt
     assert system["levels"]["c=2"]["summary"]["completed"] == 4
     assert results["command"].startswith("python -m cluster.bench --url") and results["plan"]["max_tokens"] == 8
     assert "| c=2 output tok/s |" in capsys.readouterr().out
+
+
+def test_main_runs_per_level_counts_and_restores_its_cores(
+    server: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "bench.json"
+    before, env_before = os.sched_getaffinity(0), os.environ.get(cpus.ENGINE_CPUS_ENV)
+    argv = ["--url", server, "--model", "ok", "--mode", "embeddings", "--concurrency", "1,3", "--num-requests", "2,6"]
+    assert main([*argv, "--no-progress", "--log-dir", str(tmp_path), "--out-json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    levels = results["systems"][0]["levels"]
+    assert [levels[label]["summary"]["completed"] for label in ("c=1", "c=3")] == [2, 6]
+    assert "| c=3 embeddings/s |" in capsys.readouterr().out
+    # The default split (auto) pinned the load generator while it ran, and only then.
+    assert os.sched_getaffinity(0) == before and os.environ.get(cpus.ENGINE_CPUS_ENV) == env_before
+    assert (results["cpus"] is not None) == (len(before) >= 2)
+    with pytest.raises(SystemExit):
+        main([*argv[:-1], "1,2,3", "--no-progress", "--log-dir", str(tmp_path)])
+    assert "one per level" in capsys.readouterr().err
