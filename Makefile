@@ -44,17 +44,22 @@ docs: install
 # Side-by-side numbers for docs/benchmarks.md: modelfleet vs vLLM's own server vs the engine in-process
 # (SmolLM2), and MiniLM embeddings vs the transformers engine's own batching in-process.
 BENCH_ARGS ?= --concurrency 1,32 --num-requests 16,96 --max-tokens 64
-BENCH_EMBED_ARGS ?= --concurrency 1,32 --num-requests 100,1000
+BENCH_EMBED_ARGS ?= --concurrency 1,32
 bench: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/modelfleet bench --start-modelfleet deployments/configs/default.yaml \
 		--model smollm2 --compare vllm-server,in-process $(BENCH_ARGS) --log-dir /tmp/modelfleet-bench-logs \
 		--out-json docs/benchmarks.json --out-png docs/benchmarks.png --out-md docs/benchmarks.md \
 		--md-title "SmolLM2-135M on vLLM (CPU): modelfleet vs vLLM's own server vs the engine in-process"
 	HF_HUB_OFFLINE=1 $(VENV)/bin/modelfleet bench --start-modelfleet deployments/configs/default.yaml \
-		--model minilm --mode embeddings --compare in-process $(BENCH_EMBED_ARGS) \
-		--log-dir /tmp/modelfleet-bench-logs --out-json docs/benchmarks-embeddings.json \
-		--out-png docs/benchmarks-embeddings.png --out-md docs/benchmarks.md \
-		--md-title "MiniLM embeddings on the transformers engine: modelfleet vs the engine in-process"
+		--model minilm --mode embeddings --compare in-process $(BENCH_EMBED_ARGS) --num-requests 50,500 \
+		--prompt-file docs/bench/passages.txt --log-dir /tmp/modelfleet-bench-logs \
+		--out-json docs/benchmarks-embeddings.json --out-png docs/benchmarks-embeddings.png \
+		--out-md docs/benchmarks.md \
+		--md-title "MiniLM embeddings of document passages (98-125 tokens): modelfleet vs the engine in-process"
+	HF_HUB_OFFLINE=1 $(VENV)/bin/modelfleet bench --start-modelfleet deployments/configs/default.yaml \
+		--model minilm --mode embeddings --compare in-process $(BENCH_EMBED_ARGS) --num-requests 100,1000 \
+		--log-dir /tmp/modelfleet-bench-logs --out-md docs/benchmarks.md \
+		--md-title "MiniLM embeddings of short queries (22 tokens): modelfleet vs the engine in-process"
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -90,6 +90,8 @@ def test_up_deploy_status_down(home: Path) -> None:
     table = _run(home, "status")
     assert "replica:echo-embed" in table.stdout and "HEALTHY" in table.stdout
     _check_cpu_split(state)
+    if state["engine_cpus"]:
+        assert f"serving processes moved off the engine cores ({state['engine_cpus']})" in deployed.stdout
 
     down = _run(home, "down")
     assert down.returncode == 0 and "stopped" in down.stdout
@@ -98,22 +100,24 @@ def test_up_deploy_status_down(home: Path) -> None:
 
 
 def _check_cpu_split(state: dict[str, Any]) -> None:
-    """`up` (engine cores 'auto') ran Ray on the serving cores, exported the engine cores, and started its
-    workers at niceness 0; the router then stepped back to SERVING_NICE."""
+    """`up` (engine cores 'auto') exported the engine cores and started Ray's workers at niceness 0; the
+    router stepped back to SERVING_NICE; `deploy` moved the cluster's threads to the serving cores once
+    the app answered (threads an engine pins to its cores stay; the echo engine pins none)."""
     plan = cpus.plan_cpus("auto")
     if plan is None:  # one core: nothing to split
         assert state["engine_cpus"] is None
         return
     assert state["engine_cpus"] == cpus.format_cpu_list(plan.engine)
     head = psutil.Process(state["pid"])
-    assert set(head.cpu_affinity()) == plan.serving
     assert head.environ()[cpus.ENGINE_CPUS_ENV] == state["engine_cpus"]
-    procs = {" ".join(p.cmdline()): p for p in head.children(recursive=True)}
-    router = next(p for cmd, p in procs.items() if cmd.startswith("ray::ServeReplica") and cmd.endswith(":router"))
-    echo = next(p for cmd, p in procs.items() if cmd.startswith("ray::ServeReplica") and cmd.endswith("replica:echo"))
-    assert set(router.cpu_affinity()) == plan.serving and set(echo.cpu_affinity()) == plan.serving
+    # Process titles look like 'ray::ServeReplica:<app>:<deployment>[.<method being run>]', space-padded.
+    titles = {" ".join(p.cmdline()).split(".")[0].strip(): p for p in head.children(recursive=True)}
+    router = next(p for title, p in titles.items() if "ServeReplica" in title and title.endswith(":router"))
+    echo = next(p for title, p in titles.items() if "ServeReplica" in title and title.endswith(":replica:echo"))
     assert router.nice() == cpus.SERVING_NICE
     assert echo.nice() == 0  # the echo engine computes in its replica: no step back
+    for proc in (head, router, echo):
+        assert set(proc.cpu_affinity()) == plan.serving
 
 
 def test_serve_runs_until_sigterm(home: Path) -> None:
