@@ -26,6 +26,7 @@ from typing import Any
 import httpx
 
 from cluster.bench import TARGET, LoadPlan, Sample, level_label, measure_load, run_load
+from cluster.local import RAY_ENV
 from deployments import cpus
 from deployments.config import ServingConfig, load_config
 from models.spec import ModelSpec
@@ -563,16 +564,15 @@ def run_all(
 
 @contextmanager
 def _cpu_split(split: cpus.CpuPlan | None) -> Iterator[None]:
-    """Export the engine cores (as `modelfleet up` does) and pin this thread, the load generator, to the serving
-    cores; undo both when the block ends. `modelfleet_cluster` starts Ray on all cores, then moves it."""
-    if split is None:
-        yield
-        return
-    env = {cpus.ENGINE_CPUS_ENV: cpus.format_cpu_list(split.engine), "RAY_worker_niceness": "0"}
+    """Give Ray's processes the environment `modelfleet up` gives them (`RAY_ENV`, the engine cores), and pin
+    this thread, the load generator, to the serving cores; undo both when the block ends. `modelfleet_cluster`
+    starts Ray on all cores, then moves it."""
+    env = {**RAY_ENV, **({cpus.ENGINE_CPUS_ENV: cpus.format_cpu_list(split.engine)} if split else {})}
     saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)
     before = cpus.usable_cpus()
-    cpus.pin_current_thread(split.serving)
+    if split is not None:
+        cpus.pin_current_thread(split.serving)
     try:
         yield
     finally:

@@ -16,11 +16,20 @@ from pathlib import Path
 from cluster.settings import get_settings
 from deployments import cpus as cpu_plan
 
-__all__ = ["ClusterError", "ClusterState", "down", "free_port", "read_state", "settle_cpus", "up"]
+__all__ = ["RAY_ENV", "ClusterError", "ClusterState", "down", "free_port", "read_state", "settle_cpus", "up"]
 
 logger = logging.getLogger(__name__)
 
 _STATE_FILE = "cluster.json"
+# Environment of the Ray processes a modelfleet launcher starts (measured in docs/benchmarks.md):
+# workers at niceness 0 instead of Ray's 15, so that engines can outrank the serving processes
+# (deployments.cpus); Serve replicas run user code and their handle router on the replica's own event loop
+# (two of Serve's "throughput optimized" settings), which saved about 0.25 ms of CPU per streamed token.
+RAY_ENV = {
+    "RAY_worker_niceness": "0",
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+}
 
 
 class ClusterError(RuntimeError):
@@ -109,8 +118,7 @@ def up(
         dashboard: also start Ray's dashboard (needed for `ray job submit`).
         engine_cpus: cores kept for engine compute ('auto', 'off' or a CPU list; see `deployments.cpus`):
             exported to Ray's processes, so engines move their compute onto them; `settle_cpus` moves the
-            rest of the cluster onto the other cores once an app answers. Ray's workers start at niceness 0
-            so that engines can outrank the serving processes.
+            rest of the cluster onto the other cores once an app answers. Ray's processes get `RAY_ENV`.
         timeout_s: how long to wait for the head to come up.
 
     Returns:
@@ -150,7 +158,7 @@ def up(
         plan = cpu_plan.plan_cpus(engine_cpus)
     except ValueError as exc:
         raise ClusterError(f"--engine-cpus: {exc}") from None
-    env = {**os.environ, "RAY_worker_niceness": "0"}
+    env = {**os.environ, **RAY_ENV}
     if plan is not None:
         env[cpu_plan.ENGINE_CPUS_ENV] = cpu_plan.format_cpu_list(plan.engine)
         logger.info("local cluster: %s", plan.describe())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import os
 import time
 from collections.abc import AsyncGenerator, Awaitable, Iterator
 from pathlib import Path
@@ -480,3 +481,19 @@ def test_minilm_embeddings(cache_dir: Path) -> None:
             return sum(x * y for x, y in zip(a, b, strict=True))
 
         assert cosine(cat, kitten) > cosine(cat, car)
+
+
+# -- placement ----------------------------------------------------------------------------------------------
+
+
+def test_batch_thread_computes_on_the_engine_cores(bert_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from deployments import cpus
+
+    core = min(cpus.usable_cpus())
+    monkeypatch.setenv(cpus.ENGINE_CPUS_ENV, str(core))
+    with started(spec(bert_dir, task="embed")) as engine:
+        result = run(engine.embed(EmbedRequest(request_id="pinned", inputs=("on the engine core",))))
+        assert len(result.embeddings) == 1
+        thread = engine._worker._thread  # the batch thread: where the model computes
+        assert thread.native_id is not None and os.sched_getaffinity(thread.native_id) == {core}
+    assert len(cpus.usable_cpus()) == 1 or cpus.usable_cpus() != {core}  # the calling thread was not moved
