@@ -360,6 +360,10 @@ class StreamReader:
                     self.ttft = elapsed
 
 
+def _failure(exc: httpx.HTTPError) -> str:
+    return "timeout" if isinstance(exc, httpx.TimeoutException) else type(exc).__name__
+
+
 async def _stream_one(
     client: httpx.AsyncClient, path: str, body: dict[str, Any], mode: Mode, sample: Sample, begin: float
 ) -> None:
@@ -376,11 +380,8 @@ async def _stream_one(
                     reader.feed(data, time.perf_counter() - begin)
                 if reader.done or reader.error:
                     break
-    except httpx.TimeoutException:
-        sample.error = "timeout"
-        return
     except httpx.HTTPError as exc:
-        sample.error = type(exc).__name__
+        sample.error = _failure(exc)
         return
     except ValueError:
         sample.error = "bad_stream"
@@ -392,11 +393,8 @@ async def _stream_one(
 async def _embed_one(client: httpx.AsyncClient, body: dict[str, Any], sample: Sample) -> None:
     try:
         response = await client.post("/v1/embeddings", json=body)
-    except httpx.TimeoutException:
-        sample.error = "timeout"
-        return
     except httpx.HTTPError as exc:
-        sample.error = type(exc).__name__
+        sample.error = _failure(exc)
         return
     if response.status_code != 200:
         sample.error = str(response.status_code)

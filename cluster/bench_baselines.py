@@ -545,21 +545,34 @@ def run_all(
         split = cpus.plan_cpus(engine_cpus, _ALL_CPUS)
     except ValueError as exc:
         raise BenchError(f"--engine-cpus: {exc}") from None
+    config = load_config(config_path) if config_path else None
+    spec = config.model(model) if config else None
+    if config is not None and spec is None:
+        raise BenchError(f"model '{model}' is not in {config_path} (models: {', '.join(m.id for m in config.models)})")
+    results: list[SystemResult] = []
     with _cpu_split(split):
-        results = _run_systems(
-            compare,
-            plan,
-            model=model,
-            config_path=config_path,
-            url=url,
-            start_modelfleet=start_modelfleet,
-            ready_timeout_s=ready_timeout_s,
-            num_cpus=num_cpus,
-            log_dir=log_dir,
-            progress=progress,
-        )
-    cores = f"{split.describe()}; the load generator on the serving cores in every run" if split else None
-    return {**results, "cpus": cores}
+        for name in compare:
+            if spec is None:
+                raise BenchError("baselines need the model's spec: give a config")
+            if name == "vllm-server":
+                with vllm_server(spec, ready_timeout_s=ready_timeout_s, log_dir=log_dir) as started:
+                    results.append(_measure_http(name, started, model, plan, progress))
+            else:
+                results.append(
+                    run_in_process(spec, plan, ready_timeout_s=ready_timeout_s, log_dir=log_dir, progress=progress)
+                )
+        if url:
+            results.append(_measure_http(TARGET, Started(url, info={"url": url}), model, plan, progress))
+        elif start_modelfleet:
+            target = config if start_modelfleet == config_path and config else load_config(start_modelfleet)
+            with modelfleet_cluster(target, model, ready_timeout_s=ready_timeout_s, num_cpus=num_cpus) as started:
+                results.append(_measure_http(TARGET, started, model, plan, progress))
+    return {
+        "model": model,
+        "cpus": f"{split.describe()}; the load generator on the serving cores in every run" if split else None,
+        "spec": spec.model_dump(mode="json") if spec else None,
+        "systems": [asdict(r) for r in results],
+    }
 
 
 @contextmanager
@@ -582,47 +595,6 @@ def _cpu_split(split: cpus.CpuPlan | None) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-
-
-def _run_systems(
-    compare: list[str],
-    plan: LoadPlan,
-    *,
-    model: str,
-    config_path: str | None,
-    url: str | None,
-    start_modelfleet: str | None,
-    ready_timeout_s: float,
-    num_cpus: int,
-    log_dir: Path,
-    progress: bool,
-) -> dict[str, Any]:
-    config = load_config(config_path) if config_path else None
-    spec = config.model(model) if config else None
-    if config is not None and spec is None:
-        raise BenchError(f"model '{model}' is not in {config_path} (models: {', '.join(m.id for m in config.models)})")
-    results: list[SystemResult] = []
-    for name in compare:
-        if spec is None:
-            raise BenchError("baselines need the model's spec: give a config")
-        if name == "vllm-server":
-            with vllm_server(spec, ready_timeout_s=ready_timeout_s, log_dir=log_dir) as started:
-                results.append(_measure_http(name, started, model, plan, progress))
-        else:
-            results.append(
-                run_in_process(spec, plan, ready_timeout_s=ready_timeout_s, log_dir=log_dir, progress=progress)
-            )
-    if url:
-        results.append(_measure_http(TARGET, Started(url, info={"url": url}), model, plan, progress))
-    elif start_modelfleet:
-        target = config if start_modelfleet == config_path and config else load_config(start_modelfleet)
-        with modelfleet_cluster(target, model, ready_timeout_s=ready_timeout_s, num_cpus=num_cpus) as started:
-            results.append(_measure_http(TARGET, started, model, plan, progress))
-    return {
-        "model": model,
-        "spec": spec.model_dump(mode="json") if spec else None,
-        "systems": [asdict(r) for r in results],
-    }
 
 
 if __name__ == "__main__":
