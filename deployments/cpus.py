@@ -7,9 +7,9 @@ loops, vLLM's scheduler) is the serving layer. Two levers keep the serving layer
 - **Engine cores.** A launcher that owns the node (`modelfleet up`/`deploy`, `modelfleet bench`) exports
   the engine cores as `MODELFLEET_ENGINE_CPUS` to Ray's processes; engines move their compute onto those
   cores, and once the app answers the launcher moves every other thread of the cluster onto the *serving*
-  cores (`pin_process_tree`). Starting runs on all cores: on 2 cores, starting on one doubled the time to
-  the first answer. Measured on 2 cores: the serving layer on the vLLM worker's core cost it 10-20% of its
-  throughput.
+  cores (`pin_process_tree`). Starting runs on all cores (on 2 cores, starting on one made the first answer
+  15 s later); replicas started afterwards (autoscaling, redeploys) start on the serving cores. Measured on
+  2 cores: the serving layer on the vLLM worker's core cost it 10-20% of its throughput.
 - **Priority.** Serving processes whose engine computes in another process (vLLM) and the router lower
   their own priority (`nice`), so the engine's processes win the CPU when it is contended. Raising one's
   niceness needs no privilege; Ray's workers start at `RAY_worker_niceness` (15 unless the launcher sets 0).
