@@ -171,7 +171,8 @@ def pin_process_tree(root_pid: int, plan: CpuPlan, *, include_root: bool = True)
             continue
         for tid in tids:
             try:
-                if os.sched_getaffinity(tid) <= plan.engine or os.sched_getaffinity(tid) == plan.serving:
+                current = os.sched_getaffinity(tid)
+                if current <= plan.engine or current == plan.serving:
                     continue
                 os.sched_setaffinity(tid, plan.serving)
                 moved += 1
