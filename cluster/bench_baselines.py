@@ -436,6 +436,7 @@ def modelfleet_cluster(
     import ray
     from ray import serve
 
+    from cluster.auth_token import use_token
     from cluster.local import free_port
     from deployments.app import build_app
 
@@ -454,6 +455,7 @@ def modelfleet_cluster(
     client_cpus = cpus.usable_cpus()
     cpus.pin_current_thread(_ALL_CPUS)  # Ray starts on every core, as under `modelfleet up`
     try:
+        use_token()  # a new local cluster, with the token of MODELFLEET_HOME (cluster.auth_token)
         ray.init(
             num_cpus=num_cpus,
             include_dashboard=False,

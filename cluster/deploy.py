@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 
+from cluster.auth_token import use_token
 from cluster.local import ClusterError, ClusterState
 from cluster.placement import replica_demand, unschedulable_reason
 from cluster.settings import get_settings
@@ -29,9 +30,6 @@ logger = logging.getLogger(__name__)
 # listens on loopback only. This flag (read when ray is first imported) makes a driver on a Linux host
 # resolve "this node" to loopback, as Ray does on laptops. It only affects this driver process.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-# Ray 2.60 heads require a token; a driver given an explicit address sends it only in token mode (the
-# token itself sits in ~/.ray/auth_token, written by the head at its first start).
-os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 _DEPLOYED_FILE = "deployed.json"
@@ -60,6 +58,7 @@ def connect(state: ClusterState) -> None:
 
     if ray.is_initialized():
         return
+    use_token()  # the token `up` created for this cluster (cluster.auth_token)
     ray.init(
         address=state.gcs_address,
         # The head binds to loopback only; the driver must say so too or it looks for the host's address.

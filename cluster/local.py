@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -13,6 +14,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from cluster.auth_token import ray_auth_env
 from cluster.settings import get_settings
 from deployments import cpus as cpu_plan
 
@@ -21,6 +23,8 @@ __all__ = ["RAY_ENV", "ClusterError", "ClusterState", "down", "free_port", "read
 logger = logging.getLogger(__name__)
 
 _STATE_FILE = "cluster.json"
+# Ray puts unix sockets at <temp dir>/session_<date>_<time>_<usec>_<pid>/sockets/plasma_store: 63 more bytes.
+_MAX_TEMP_DIR_CHARS = 44
 # Environment of the Ray processes a modelfleet launcher starts (measured in docs/benchmarks.md):
 # workers at niceness 0 instead of Ray's 15, so that engines can outrank the serving processes
 # (deployments.cpus); Serve replicas run user code and their handle router on the replica's own event loop
@@ -72,6 +76,16 @@ def free_port(host: str = "127.0.0.1") -> int:
         sock.bind((host, 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def ray_temp_dir(home: Path) -> Path:
+    """Ray's temp folder for the cluster kept in `home`: `home/ray`, or a short folder in /tmp named after `home`
+    when that path is too long for the unix sockets Ray puts under it (107 bytes with the session's name)."""
+    temp_dir = home / "ray"
+    if len(str(temp_dir)) <= _MAX_TEMP_DIR_CHARS:
+        return temp_dir
+    digest = hashlib.sha256(str(home.resolve()).encode()).hexdigest()[:12]
+    return Path("/tmp") / f"modelfleet-{digest}"
 
 
 def _state_path() -> Path:
@@ -132,8 +146,8 @@ def up(
         return existing
     settings = get_settings()
     settings.home.mkdir(parents=True, exist_ok=True)
-    # Unix socket paths are limited to 107 bytes: keep the temp dir short.
-    temp_dir = settings.home / "ray"
+    temp_dir = ray_temp_dir(settings.home)
+    temp_dir.mkdir(parents=True, exist_ok=True)
     log_file = settings.home / "ray-start.log"
     cpus = num_cpus or max(8, os.cpu_count() or 2)
     port = free_port()
@@ -158,7 +172,9 @@ def up(
         plan = cpu_plan.plan_cpus(engine_cpus)
     except ValueError as exc:
         raise ClusterError(f"--engine-cpus: {exc}") from None
-    env = {**os.environ, **RAY_ENV}
+    env = {key: value for key, value in os.environ.items() if key != "RAY_AUTH_TOKEN"}
+    env.update(RAY_ENV)
+    env.update(ray_auth_env(settings.home))  # token auth stays on, with the cluster's own token
     if plan is not None:
         env[cpu_plan.ENGINE_CPUS_ENV] = cpu_plan.format_cpu_list(plan.engine)
         logger.info("local cluster: %s", plan.describe())

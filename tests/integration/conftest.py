@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
@@ -64,8 +65,8 @@ def ray_cluster() -> Iterator[int]:
     from ray import serve
     from ray.cluster_utils import Cluster
 
-    # Short path: Ray's unix sockets live under the temp dir (107-byte limit).
-    temp_dir = tempfile.mkdtemp(prefix="mf-ray-", dir="/tmp")
+    # In the session's own folder (tests/conftest.py), short: Ray's unix sockets live under it (107-byte limit).
+    temp_dir = tempfile.mkdtemp(prefix="r", dir=os.environ["RAY_TMPDIR"])
     common = {"node_ip_address": "127.0.0.1", "temp_dir": temp_dir}
     cluster = Cluster(
         initialize_head=True,
