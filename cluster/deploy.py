@@ -18,9 +18,10 @@ import httpx
 
 from cluster.auth_token import use_token
 from cluster.local import ClusterError, ClusterState
-from cluster.placement import replica_demand, unschedulable_reason
+from cluster.placement import unschedulable_reason
 from cluster.settings import get_settings
 from deployments.config import ServingConfig
+from deployments.plan import DeploymentPlan, PlanError, compile_plan
 
 __all__ = ["DeploymentRow", "connect", "deploy", "status", "stop_serving", "wait_ready"]
 
@@ -52,8 +53,14 @@ class DeploymentRow:
     pending: str = ""
 
 
-def connect(state: ClusterState) -> None:
-    """Connect this process to the local cluster as a driver (idempotent)."""
+def connect(state: ClusterState, *, ship_code: bool = True) -> None:
+    """Connect this process to the local cluster as a driver (idempotent).
+
+    Args:
+        state: the running cluster.
+        ship_code: make the repo root the job's working_dir (needed to deploy; a client that only reads status
+            sends no code, and so gets none of Ray's upload messages).
+    """
     import ray
 
     if ray.is_initialized():
@@ -64,7 +71,7 @@ def connect(state: ClusterState) -> None:
         # The head binds to loopback only; the driver must say so too or it looks for the host's address.
         _node_ip_address="127.0.0.1",
         namespace="modelfleet",
-        runtime_env={"working_dir": str(PROJECT_ROOT), "excludes": _WORKING_DIR_EXCLUDES},
+        runtime_env={"working_dir": str(PROJECT_ROOT), "excludes": _WORKING_DIR_EXCLUDES} if ship_code else None,
         log_to_driver=False,
         logging_level=logging.WARNING,
     )
@@ -77,7 +84,7 @@ def stop_serving(state: ClusterState, *, timeout_s: float = 90.0) -> None:
     from ray import serve
 
     try:
-        connect(state)
+        connect(state, ship_code=False)
     except ConnectionError:
         return  # the cluster is already gone
     stopper = threading.Thread(target=serve.shutdown, name="serve-shutdown", daemon=True)
@@ -140,20 +147,22 @@ def deploy(
         The base URL of the HTTP API.
 
     Raises:
-        ClusterError: the HTTP port is taken, the app failed to deploy, or it was not ready in time.
+        ClusterError: the config cannot be planned, the HTTP port is taken, the app failed to deploy, or it was
+            not ready in time.
     """
     from ray import serve
 
     check_local_engines(config)
+    plan = plan_for(config, state)
     connect(state)
     host, port = config.router.host, config.router.port
     if not _serve_running() and not _port_free(host, port):
         raise ClusterError(f"{host}:{port} is already in use: stop what listens there or set router.port")
     serve.start(http_options={"host": host, "port": port})
-    from deployments.app import build_app
+    from deployments.app import build_app_from_plan
 
-    application = build_app(config)
-    _record(config)  # before it runs, so `modelfleet status` can explain an app that stays pending
+    application = build_app_from_plan(plan)
+    _record(plan)  # before it runs, so `modelfleet status` can explain an app that stays pending
     deadline = time.monotonic() + timeout_s
     last_line = ""
     stuck_since: float | None = None
@@ -172,7 +181,7 @@ def deploy(
     runner.start()
     while runner.is_alive():
         line = _progress_line(config.name)
-        reasons = pending_reasons(config)
+        reasons = pending_reasons(plan)
         if reasons:
             line += " | waiting for resources: " + "; ".join(f"{d}: {r}" for d, r in reasons.items())
             stuck_since = stuck_since or time.monotonic()
@@ -204,17 +213,26 @@ def _alive_nodes() -> list[dict[str, float]]:
     return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
 
 
-def pending_reasons(config: ServingConfig) -> dict[str, str]:
-    """Deployment name -> why its replicas can never be placed on this cluster (only those that cannot)."""
-    from deployments.app import replica_options
+def plan_for(config: ServingConfig, state: ClusterState) -> DeploymentPlan:
+    """The deployment plan of `config` on this cluster (its CPU split).
 
+    Raises:
+        ClusterError: the config cannot be planned.
+    """
+    try:
+        return compile_plan(config, engine_cpus=state.engine_cpus)
+    except PlanError as exc:
+        raise ClusterError(str(exc)) from None
+
+
+def pending_reasons(plan: DeploymentPlan) -> dict[str, str]:
+    """Deployment name -> why its replicas can never be placed on this cluster (only those that cannot)."""
     nodes = _alive_nodes()
     reasons = {}
-    for spec in config.models:
-        bundles, strategy = replica_demand(replica_options(spec))
-        reason = unschedulable_reason(bundles, strategy, nodes)
+    for model in plan.models:
+        reason = unschedulable_reason(model.bundles, model.strategy, nodes)
         if reason:
-            reasons[spec.deployment_name] = reason
+            reasons[model.deployment_name] = reason
     return reasons
 
 
@@ -265,10 +283,10 @@ def wait_ready(base_url: str, *, timeout_s: float = 300.0) -> None:
     raise ClusterError(f"{base_url}/readyz did not turn ready in {timeout_s:.0f} s (last answer: {last})")
 
 
-def _record(config: ServingConfig) -> None:
+def _record(plan: DeploymentPlan) -> None:
     path = get_settings().home / _DEPLOYED_FILE
     deployed = _deployed()
-    deployed[config.name] = config.model_dump(mode="json")
+    deployed[plan.config.name] = plan.model_dump(mode="json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(deployed))
 
@@ -296,16 +314,20 @@ def status(state: ClusterState) -> list[DeploymentRow]:
     """Every app and deployment on the cluster, with replica counts and each model's engine and resources."""
     from ray import serve
 
-    connect(state)
+    connect(state, ship_code=False)
     deployed = _deployed()
     rows = []
     for app_name, app in serve.status().applications.items():
         specs = {}
         pending: dict[str, str] = {}
         if app_name in deployed:
-            cfg = ServingConfig.model_validate(deployed[app_name])
-            specs = {spec.deployment_name: spec for spec in cfg.models}
-            pending = pending_reasons(cfg)
+            try:
+                plan = DeploymentPlan.model_validate(deployed[app_name])
+            except ValueError:  # recorded by an older modelfleet
+                plan = None
+            if plan is not None:
+                specs = {model.deployment_name: model.spec for model in plan.models}
+                pending = pending_reasons(plan)
         for dep_name, dep in app.deployments.items():
             spec = specs.get(dep_name)
             running = dep.replica_states.get("RUNNING", 0)

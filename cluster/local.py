@@ -16,24 +16,16 @@ from pathlib import Path
 
 from cluster.auth_token import ray_auth_env
 from cluster.settings import get_settings
-from deployments import cpus as cpu_plan
+from deployments import cpus
+from deployments.plan import RAY_ENV
 
-__all__ = ["RAY_ENV", "ClusterError", "ClusterState", "down", "free_port", "read_state", "settle_cpus", "up"]
+__all__ = ["ClusterError", "ClusterState", "down", "free_port", "read_state", "settle_cpus", "up"]
 
 logger = logging.getLogger(__name__)
 
 _STATE_FILE = "cluster.json"
 # Ray puts unix sockets at <temp dir>/session_<date>_<time>_<usec>_<pid>/sockets/plasma_store: 63 more bytes.
 _MAX_TEMP_DIR_CHARS = 44
-# Environment of the Ray processes a modelfleet launcher starts (measured in docs/benchmarks.md):
-# workers at niceness 0 instead of Ray's 15, so that engines can outrank the serving processes
-# (deployments.cpus); Serve replicas run user code and their handle router on the replica's own event loop
-# (two of Serve's "throughput optimized" settings), which saved about 0.25 ms of CPU per streamed token.
-RAY_ENV = {
-    "RAY_worker_niceness": "0",
-    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
-    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
-}
 
 
 class ClusterError(RuntimeError):
@@ -131,8 +123,9 @@ def up(
             replica asking for CPUs never starves the router (see FIELD-NOTES).
         dashboard: also start Ray's dashboard (needed for `ray job submit`).
         engine_cpus: cores kept for engine compute ('auto', 'off' or a CPU list; see `deployments.cpus`):
-            exported to Ray's processes, so engines move their compute onto them; `settle_cpus` moves the
-            rest of the cluster onto the other cores once an app answers. Ray's processes get `RAY_ENV`.
+            recorded in the state, from which `deploy` compiles the plan that hands them to the engines;
+            `settle_cpus` moves the rest of the cluster onto the other cores once an app answers. Ray's
+            processes get the plan's `RAY_ENV` and the cluster's auth token (`cluster.auth_token`).
         timeout_s: how long to wait for the head to come up.
 
     Returns:
@@ -149,7 +142,7 @@ def up(
     temp_dir = ray_temp_dir(settings.home)
     temp_dir.mkdir(parents=True, exist_ok=True)
     log_file = settings.home / "ray-start.log"
-    cpus = num_cpus or max(8, os.cpu_count() or 2)
+    logical_cpus = num_cpus or max(8, os.cpu_count() or 2)
     port = free_port()
     dashboard_port = free_port() if dashboard else None
     cmd = [
@@ -159,7 +152,7 @@ def up(
         "--block",
         "--node-ip-address=127.0.0.1",
         f"--port={port}",
-        f"--num-cpus={cpus}",
+        f"--num-cpus={logical_cpus}",
         f"--temp-dir={temp_dir}",
         f"--ray-client-server-port={free_port()}",
         "--disable-usage-stats",
@@ -169,15 +162,14 @@ def up(
     else:
         cmd += ["--include-dashboard=false"]
     try:
-        plan = cpu_plan.plan_cpus(engine_cpus)
+        split = cpus.plan_cpus(engine_cpus)
     except ValueError as exc:
         raise ClusterError(f"--engine-cpus: {exc}") from None
     env = {key: value for key, value in os.environ.items() if key != "RAY_AUTH_TOKEN"}
     env.update(RAY_ENV)
     env.update(ray_auth_env(settings.home))  # token auth stays on, with the cluster's own token
-    if plan is not None:
-        env[cpu_plan.ENGINE_CPUS_ENV] = cpu_plan.format_cpu_list(plan.engine)
-        logger.info("local cluster: %s", plan.describe())
+    if split is not None:
+        logger.info("local cluster: %s", split.describe())
     with log_file.open("wb") as log:
         # A session of its own: `down` signals this process group and nothing else on the machine.
         proc = subprocess.Popen(
@@ -193,9 +185,9 @@ def up(
         gcs_address=f"127.0.0.1:{port}",
         temp_dir=str(temp_dir),
         log_file=str(log_file),
-        num_cpus=cpus,
+        num_cpus=logical_cpus,
         dashboard_port=dashboard_port,
-        engine_cpus=cpu_plan.format_cpu_list(plan.engine) if plan is not None else None,
+        engine_cpus=cpus.format_cpu_list(split.engine) if split is not None else None,
     )
     _state_path().write_text(json.dumps(asdict(state)))
     return state
@@ -209,11 +201,11 @@ def settle_cpus(state: ClusterState) -> int:
     """
     if not state.engine_cpus:
         return 0
-    engine = cpu_plan.parse_cpu_list(state.engine_cpus)
-    serving = cpu_plan.usable_cpus() - engine
+    engine = cpus.parse_cpu_list(state.engine_cpus)
+    serving = cpus.usable_cpus() - engine
     if not serving:
         return 0
-    return cpu_plan.pin_process_tree(state.pid, cpu_plan.CpuPlan(engine=engine, serving=frozenset(serving)))
+    return cpus.pin_process_tree(state.pid, cpus.CpuPlan(engine=engine, serving=frozenset(serving)))
 
 
 def down(timeout_s: float = 60.0) -> bool:

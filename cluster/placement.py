@@ -3,27 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
 
-__all__ = ["replica_demand", "unschedulable_reason"]
+__all__ = ["unschedulable_reason"]
 
 Resources = Mapping[str, float]
-
-
-def replica_demand(options: Mapping[str, Any]) -> tuple[list[dict[str, float]], str]:
-    """The bundles one replica needs (a single pseudo-bundle without a placement group) and their strategy."""
-    bundles = options.get("placement_group_bundles")
-    if bundles:
-        return [dict(b) for b in bundles], str(options.get("placement_group_strategy", "PACK"))
-    actor = options.get("ray_actor_options", {})
-    demand: dict[str, float] = {"CPU": float(actor.get("num_cpus", 1))}
-    if actor.get("num_gpus"):
-        demand["GPU"] = float(actor["num_gpus"])
-    if actor.get("accelerator_type"):
-        demand[f"accelerator_type:{actor['accelerator_type']}"] = 0.001
-    if actor.get("memory"):
-        demand["memory"] = float(actor["memory"])
-    return [demand], "PACK"
 
 
 def _fits(demand: Resources, node: Resources) -> bool:
@@ -47,7 +30,7 @@ def unschedulable_reason(bundles: Sequence[Resources], strategy: str, nodes: Seq
     """Why no node set of this cluster can ever hold the replica (by total resources), or None if one can.
 
     Args:
-        bundles: what one replica needs (see `replica_demand`).
+        bundles: what one replica needs (`ModelPlan.bundles`).
         strategy: the placement strategy of the bundles.
         nodes: each alive node's total resources.
     """

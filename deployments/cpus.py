@@ -4,10 +4,10 @@ On a CPU node the engine's compute (vLLM's model worker, the transformers batch 
 throughput; everything else (Ray's daemons, Serve's proxy and controller, the router, the replicas' asyncio
 loops, vLLM's scheduler) is the serving layer. Two levers keep the serving layer out of the engine's way:
 
-- **Engine cores.** A launcher that owns the node (`modelfleet up`/`deploy`, `modelfleet bench`) exports
-  the engine cores as `MODELFLEET_ENGINE_CPUS` to Ray's processes; engines move their compute onto those
-  cores, and once the app answers the launcher moves every other thread of the cluster onto the *serving*
-  cores (`pin_process_tree`). Starting runs on all cores (on 2 cores, starting on one made the first answer
+- **Engine cores.** A launcher that owns the node (`modelfleet up`/`deploy`, `modelfleet bench`) splits its
+  cores; the deployment plan (`deployments.plan`) hands the engine cores to every engine, which moves its
+  compute onto them, and once the app answers the launcher moves every other thread of the cluster onto the
+  *serving* cores (`pin_process_tree`). Starting runs on all cores (on 2 cores, starting on one made the first answer
   15 s later); replicas started afterwards (autoscaling, redeploys) start on the serving cores. Measured on
   2 cores: the serving layer on the vLLM worker's core cost it 10-20% of its throughput.
 - **Priority.** Serving processes whose engine computes in another process (vLLM) and the router lower
@@ -24,10 +24,8 @@ import os
 from dataclasses import dataclass
 
 __all__ = [
-    "ENGINE_CPUS_ENV",
     "SERVING_NICE",
     "CpuPlan",
-    "engine_cpus",
     "format_cpu_list",
     "lower_priority",
     "parse_cpu_list",
@@ -39,7 +37,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-ENGINE_CPUS_ENV = "MODELFLEET_ENGINE_CPUS"
 SERVING_NICE = 10
 
 
@@ -122,18 +119,6 @@ def plan_cpus(setting: str, available: frozenset[int] | None = None) -> CpuPlan 
     if not serving:
         raise ValueError(f"engine cores {setting} leave no core for serving (usable: {format_cpu_list(cpus)})")
     return CpuPlan(engine=engine, serving=frozenset(serving))
-
-
-def engine_cpus() -> frozenset[int] | None:
-    """The engine cores a launcher exported in MODELFLEET_ENGINE_CPUS; None when unset or unreadable."""
-    raw = os.environ.get(ENGINE_CPUS_ENV, "").strip()
-    if not raw:
-        return None
-    try:
-        return parse_cpu_list(raw)
-    except ValueError:
-        logger.warning("ignoring %s=%r: not a CPU list", ENGINE_CPUS_ENV, raw)
-        return None
 
 
 def pin_current_thread(cpus: frozenset[int]) -> bool:

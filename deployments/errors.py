@@ -33,6 +33,8 @@ class ServingError(Exception):
 
     status_code: int = 500
     error_type: str = "internal_error"
+    #: Seconds a client should wait before it retries (the `Retry-After` header); None: no header.
+    retry_after_s: int | None = None
 
     # Constructors stay simple (message + keyword defaults) so the errors pickle across Ray processes.
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
@@ -92,6 +94,7 @@ class OverloadedError(ServingError):
 
     status_code = 429
     error_type = "rate_limit_error"
+    retry_after_s = 1
 
 
 class EngineError(ServingError):

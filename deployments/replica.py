@@ -20,7 +20,7 @@ from deployments.engines.protocol import (
     TokenLogprob,
 )
 from deployments.errors import InvalidRequestError
-from models.spec import ModelSpec
+from deployments.plan import ModelPlan
 
 __all__ = ["ModelReplica"]
 
@@ -34,10 +34,10 @@ class ModelReplica:
     answered a real request: that is what readiness means here.
     """
 
-    async def __init__(self, spec: ModelSpec, *, engine_cls: type[Engine] | None = None) -> None:
-        self.spec = spec
+    async def __init__(self, plan: ModelPlan, *, engine_cls: type[Engine] | None = None) -> None:
+        spec = self.spec = plan.spec
         cls = engine_cls or engines.resolve(spec.engine)
-        self.engine = cls(spec)
+        self.engine = cls(spec, plan.engine)
         started = time.monotonic()
         await self.engine.start()
         if self.engine.computes_out_of_process:

@@ -61,6 +61,14 @@ class ScalingConfig(FrozenModel):
         ge=1,
         description="Most requests one replica holds at once; more queue in the router. Keep it above the batch size.",
     )
+    max_queued_requests: int = Field(
+        256,
+        ge=-1,
+        description=(
+            "Most requests that may wait for this model's replicas at each router replica when every replica "
+            "holds max_ongoing_requests; past it requests get a 429 with Retry-After. -1: wait without bound."
+        ),
+    )
 
     @model_validator(mode="after")
     def _bounds(self) -> ScalingConfig:
@@ -69,6 +77,8 @@ class ScalingConfig(FrozenModel):
                 f"`min_replicas` ({self.min_replicas}) is above `max_replicas` ({self.max_replicas}): "
                 "raise max_replicas or lower min_replicas"
             )
+        if self.max_queued_requests == 0:
+            raise ValueError("`max_queued_requests` must be -1 (no bound) or at least 1")
         if self.initial_replicas is not None and not (self.min_replicas <= self.initial_replicas <= self.max_replicas):
             raise ValueError("`initial_replicas` must lie between `min_replicas` and `max_replicas`")
         return self

@@ -61,7 +61,9 @@ def _request_id(request: Request) -> str:
 def _error(exc: BaseException, request_id: str) -> JSONResponse:
     status, body = to_error_response(exc, request_id)
     # Serve's proxy sets the x-request-id response header (the client's own id, or one it generated).
-    return JSONResponse(body.model_dump(), status_code=status)
+    retry_after = exc.retry_after_s if isinstance(exc, ServingError) else None
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
 @dataclass

@@ -20,6 +20,7 @@ from deployments.engines.protocol import (
     require_basic_sampling,
 )
 from deployments.errors import EngineStartError, InvalidRequestError
+from deployments.plan import EnginePlan
 from models.spec import ModelSpec
 
 __all__ = ["EchoEngine"]
@@ -38,8 +39,8 @@ class EchoEngine(Engine, EmbeddingEngine):
     crashing mid-request (for fault tests).
     """
 
-    def __init__(self, spec: ModelSpec) -> None:
-        super().__init__(spec)
+    def __init__(self, spec: ModelSpec, plan: EnginePlan | None = None) -> None:
+        super().__init__(spec, plan)
         self.context_length = spec.context_length or _DEFAULT_CONTEXT
         self._dimensions = 16
         self._token_delay_s = 0.0

