@@ -1,4 +1,5 @@
-"""The real `modelfleet` CLI: its own local Ray head on free ports, deploy, status, serve, down."""
+"""The real `modelfleet` CLI as a new user runs it: an empty HOME and TMPDIR (no ~/.ray token, no /tmp/ray, no
+caches), its own local Ray head on free ports, deploy, status, serve, down."""
 
 from __future__ import annotations
 
@@ -31,15 +32,27 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture
 def home() -> Iterator[Path]:
-    # Short path: Ray's unix sockets live under MODELFLEET_HOME/ray (107-byte limit).
-    path = Path(tempfile.mkdtemp(prefix="mf-cli-", dir="/tmp"))
-    yield path
-    subprocess.run([*CLI, "down"], env=_env(path), cwd=ROOT, timeout=120, check=False)
-    shutil.rmtree(path, ignore_errors=True)
+    """A fresh, empty HOME; the CLI keeps its cluster in HOME/.modelfleet (its default)."""
+    # Short path: Ray's unix sockets live under ~/.modelfleet/ray (107-byte limit).
+    root = Path(tempfile.mkdtemp(prefix="c", dir="/tmp"))
+    (root / "h").mkdir()
+    (root / "t").mkdir()
+    yield root / "h"
+    subprocess.run([*CLI, "down"], env=_env(root / "h"), cwd=ROOT, timeout=120, check=False)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+# What the test session set for itself (its cluster home, token, caches, Ray's temp folder): a new user has none.
+_SESSION_VARS = ("MODELFLEET_", "RAY_AUTH_", "RAY_TMPDIR", "XDG_")
 
 
 def _env(home: Path) -> dict[str, str]:
-    return {**os.environ, "MODELFLEET_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_SESSION_VARS)}
+    return {**env, "HOME": str(home), "TMPDIR": str(home.parent / "t"), "PYTHONUNBUFFERED": "1"}
+
+
+def _state(home: Path) -> dict[str, Any]:
+    return dict(json.loads((home / ".modelfleet" / "cluster.json").read_text()))
 
 
 def _config(home: Path) -> tuple[Path, int]:
@@ -69,8 +82,14 @@ def test_up_deploy_status_down(home: Path) -> None:
     config, port = _config(home)
     up = _run(home, "up")
     assert up.returncode == 0, up.stderr
-    state = json.loads((home / "cluster.json").read_text())
+    state = _state(home)
     assert state["gcs_address"].startswith("127.0.0.1:")
+    # Token authentication is on, with the cluster's own token, made by `up`; ~/.ray is never created.
+    token = home / ".modelfleet" / "auth_token"
+    assert token.stat().st_mode & 0o777 == 0o600 and len(token.read_text()) >= 32
+    head_env = psutil.Process(state["pid"]).environ()
+    assert head_env["RAY_AUTH_MODE"] == "token" and head_env["RAY_AUTH_TOKEN_PATH"] == str(token)
+    assert not (home / ".ray").exists()
 
     deployed = _run(home, "deploy", str(config))
     assert deployed.returncode == 0, deployed.stdout + deployed.stderr
@@ -88,7 +107,15 @@ def test_up_deploy_status_down(home: Path) -> None:
     assert rows["replica:echo"]["engine"] == "echo"
     assert rows["replica:echo"]["resources"] == "cpu=0.5 gpu=0"
     table = _run(home, "status")
-    assert "replica:echo-embed" in table.stdout and "HEALTHY" in table.stdout
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert (
+        lines[0].startswith("cluster 127.0.0.1:")
+        and lines[1] == ""
+        and lines[2].split()[:3] == ["APP", "DEPLOYMENT", "STATUS"]
+    )
+    assert {line.split()[1] for line in lines[3:]} == {"router", "replica:echo", "replica:echo-embed"}, table.stdout
+    assert "working_dir" not in table.stdout + table.stderr
     _check_cpu_split(state)
     if state["engine_cpus"]:
         assert f"serving processes moved off the engine cores ({state['engine_cpus']})" in deployed.stdout
@@ -96,11 +123,12 @@ def test_up_deploy_status_down(home: Path) -> None:
     down = _run(home, "down")
     assert down.returncode == 0 and "stopped" in down.stdout
     wait_for(lambda: not _pid_alive(state["pid"]), timeout=60, message="ray head still running after down")
-    assert not (home / "cluster.json").exists()
+    assert not (home / ".modelfleet" / "cluster.json").exists()
+    assert not (home / ".ray").exists()
 
 
 def _check_cpu_split(state: dict[str, Any]) -> None:
-    """`up` (engine cores 'auto') exported the engine cores and started Ray's workers at niceness 0; the
+    """`up` (engine cores 'auto') recorded the engine cores and started Ray's workers at niceness 0; the
     router stepped back to SERVING_NICE; `deploy` moved the cluster's threads to the serving cores once
     the app answered (threads an engine pins to its cores stay; the echo engine pins none)."""
     plan = cpus.plan_cpus("auto")
@@ -109,7 +137,6 @@ def _check_cpu_split(state: dict[str, Any]) -> None:
         return
     assert state["engine_cpus"] == cpus.format_cpu_list(plan.engine)
     head = psutil.Process(state["pid"])
-    assert head.environ()[cpus.ENGINE_CPUS_ENV] == state["engine_cpus"]
     # Process titles look like 'ray::ServeReplica:<app>:<deployment>[.<method being run>]', space-padded.
     titles = {" ".join(p.cmdline()).split(".")[0].strip(): p for p in head.children(recursive=True)}
     router = next(p for title, p in titles.items() if "ServeReplica" in title and title.endswith(":router"))
@@ -121,6 +148,9 @@ def _check_cpu_split(state: dict[str, Any]) -> None:
 
 
 def test_serve_runs_until_sigterm(home: Path) -> None:
+    # A user's own Ray token is neither needed nor overwritten.
+    (home / ".ray").mkdir()
+    (home / ".ray" / "auth_token").write_text("the-users-own-token")
     config, port = _config(home)
     log = home / "serve.log"
     with log.open("w") as out:
@@ -138,7 +168,7 @@ def test_serve_runs_until_sigterm(home: Path) -> None:
         assert f"curl http://127.0.0.1:{port}/v1/chat/completions" in text
         r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"model": "echo", "prompt": "hi"}, timeout=30)
         assert r.json()["choices"][0]["text"] == "hi"
-        pid = json.loads((home / "cluster.json").read_text())["pid"]
+        pid = _state(home)["pid"]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 0, log.read_text()
         assert "stopped the local cluster" in log.read_text()
@@ -149,3 +179,4 @@ def test_serve_runs_until_sigterm(home: Path) -> None:
             proc.wait(timeout=30)
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+    assert (home / ".ray" / "auth_token").read_text() == "the-users-own-token"
