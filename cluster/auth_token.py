@@ -12,7 +12,7 @@ import logging
 import os
 from pathlib import Path
 
-from cluster.settings import get_settings
+from models.settings import get_settings
 
 __all__ = ["TOKEN_FILE", "ensure_token", "ray_auth_env", "use_token"]
 

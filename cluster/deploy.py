@@ -19,7 +19,7 @@ import httpx
 from cluster.auth_token import use_token
 from cluster.local import ClusterError, ClusterState
 from cluster.placement import unschedulable_reason
-from cluster.settings import get_settings
+from models.settings import get_settings
 from deployments.config import ServingConfig
 from deployments.plan import DeploymentPlan, PlanError, compile_plan
 

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cluster.auth_token import ray_auth_env
-from cluster.settings import get_settings
+from models.settings import get_settings
 from deployments import cpus
 from deployments.plan import RAY_ENV
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from cluster.settings import get_settings
+from models.settings import get_settings
 
 __all__ = [
     "PACKAGED_MODELS",

@@ -1,4 +1,8 @@
-"""Environment settings: the only place modelfleet reads environment variables (prefix MODELFLEET_)."""
+"""Environment settings: the only place modelfleet reads its environment variables (prefix MODELFLEET_).
+
+In the ground floor (`models/`), beside the model cache it locates, so that every layer above can read it and
+`models/` imports neither `deployments/` nor `cluster/`.
+"""
 
 from __future__ import annotations
 
