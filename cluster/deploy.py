@@ -19,9 +19,9 @@ import httpx
 from cluster.auth_token import use_token
 from cluster.local import ClusterError, ClusterState
 from cluster.placement import unschedulable_reason
-from models.settings import get_settings
 from deployments.config import ServingConfig
 from deployments.plan import DeploymentPlan, PlanError, compile_plan
+from models.settings import get_settings
 
 __all__ = ["DeploymentRow", "connect", "deploy", "status", "stop_serving", "wait_ready"]
 

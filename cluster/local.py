@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cluster.auth_token import ray_auth_env
-from models.settings import get_settings
 from deployments import cpus
 from deployments.plan import RAY_ENV
+from models.settings import get_settings
 
 __all__ = ["ClusterError", "ClusterState", "down", "free_port", "read_state", "settle_cpus", "up"]
 
