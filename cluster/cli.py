@@ -185,6 +185,18 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    config = _config(args.config)
+    if args.engine_cpus == "local":
+        state = local.read_state()
+        engine_cpus = state.engine_cpus if state is not None else None
+    else:
+        engine_cpus = None if args.engine_cpus == "off" else args.engine_cpus
+    plan = deploying.plan_for(config, engine_cpus)
+    _say(plan.model_dump_json(indent=2))
+    return 0
+
+
 def _cmd_schema(args: argparse.Namespace) -> int:
     _say(json.dumps(ServingConfig.model_json_schema(), indent=2))
     return 0
@@ -235,6 +247,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="convert/build the packaged models a config uses, once")
     with_config(p)
     p.set_defaults(func=_cmd_prepare)
+    p = sub.add_parser("plan", help="print the deployment plan a config compiles to (Serve options, engine args)")
+    with_config(p)
+    p.add_argument(
+        "--engine-cpus",
+        default="local",
+        metavar="local|off|LIST",
+        help="the node's engine cores: those of the running local cluster (default), none, or a CPU list",
+    )
+    p.set_defaults(func=_cmd_plan)
     p = sub.add_parser("schema", help="print the config JSON Schema")
     p.set_defaults(func=_cmd_schema)
     # `bench` keeps its own parser (cluster.bench); everything after the word goes to it.

@@ -153,7 +153,7 @@ def deploy(
     from ray import serve
 
     check_local_engines(config)
-    plan = plan_for(config, state)
+    plan = plan_for(config, state.engine_cpus)
     connect(state)
     host, port = config.router.host, config.router.port
     if not _serve_running() and not _port_free(host, port):
@@ -213,14 +213,14 @@ def _alive_nodes() -> list[dict[str, float]]:
     return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
 
 
-def plan_for(config: ServingConfig, state: ClusterState) -> DeploymentPlan:
-    """The deployment plan of `config` on this cluster (its CPU split).
+def plan_for(config: ServingConfig, engine_cpus: str | None) -> DeploymentPlan:
+    """The deployment plan of `config` on a cluster whose nodes keep `engine_cpus` for engines (`ClusterState`).
 
     Raises:
         ClusterError: the config cannot be planned.
     """
     try:
-        return compile_plan(config, engine_cpus=state.engine_cpus)
+        return compile_plan(config, engine_cpus=engine_cpus)
     except PlanError as exc:
         raise ClusterError(str(exc)) from None
 

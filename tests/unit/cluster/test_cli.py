@@ -41,3 +41,19 @@ def test_status_without_cluster(
     assert main(["status", "--json"]) == 1
     assert json.loads(capsys.readouterr().out) == {"cluster": None, "deployments": []}
     assert main(["down"]) == 0
+
+
+def test_plan_prints_the_deployment_plan(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from deployments.config import load_config
+    from deployments.plan import DeploymentPlan, compile_plan
+
+    monkeypatch.setenv("MODELFLEET_HOME", str(tmp_path))  # no local cluster: no CPU split
+    assert main(["plan", str(DEFAULT_CONFIG)]) == 0
+    assert DeploymentPlan.model_validate_json(capsys.readouterr().out) == compile_plan(load_config(DEFAULT_CONFIG))
+    assert main(["plan", "--engine-cpus", "0"]) == 0
+    smollm2 = DeploymentPlan.model_validate_json(capsys.readouterr().out).models[0]
+    assert smollm2.engine.env == {"VLLM_CPU_OMP_THREADS_BIND": "0"}
+    assert main(["plan", "--engine-cpus", "zero"]) == 1
+    assert "not a CPU list" in capsys.readouterr().err
