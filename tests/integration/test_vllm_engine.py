@@ -19,6 +19,7 @@ import pytest
 from deployments.engines.protocol import ChatMessage, GenerateChunk, GenerateRequest, SamplingConfig
 from deployments.engines.vllm import VLLMEngine
 from deployments.errors import EngineDeadError, EngineStartError, InvalidRequestError
+from deployments.plan import PlanError
 from models.spec import ModelSpec
 
 T = TypeVar("T")
@@ -257,33 +258,71 @@ def test_max_tokens_above_the_model_limit(loop: LoopThread, engine: VLLMEngine) 
 
 
 def test_closing_a_stream_aborts_the_request(loop: LoopThread, engine: VLLMEngine) -> None:
-    async def read_two_then_close() -> int:
-        stream = engine.generate(_request(prompt="The king", max_tokens=MAX_OUTPUT, temperature=0.0))
-        seen = [await anext(stream), await anext(stream)]
-        assert engine.num_unfinished_requests == 1
-        await stream.aclose()  # type: ignore[attr-defined]
-        await _wait_idle(engine)
-        return seen[-1].completion_tokens
+    """Closing the stream, or cancelling the task that reads it, aborts the request in vLLM.
 
-    assert loop.run(read_two_then_close()) < MAX_OUTPUT
+    The longest request this engine takes (MAX_OUTPUT tokens; greedy tiny-llama does not stop early on this
+    prompt) ends by itself in well under a second here: too soon to tell an abort from its natural end by the
+    clock. So once its first chunk is out, vLLM's own `pause_generation(mode="keep")` holds it where it is: from
+    then on it stays in vLLM's count of unfinished requests however long it waits, and only an abort takes it out.
+    """
+    llm = engine._llm
+    prompt = "The king"
+
+    async def held(first_chunk: Any) -> bool:
+        """Wait for the first chunk, then pause vLLM; True if the request is held unfinished there."""
+        await asyncio.wait_for(first_chunk, REQUEST_TIMEOUT_S)
+        await llm.pause_generation(mode="keep", clear_cache=False)
+        return engine.num_unfinished_requests == 1
+
+    async def aborted(how: str, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while engine.num_unfinished_requests:
+            assert time.monotonic() < deadline, (
+                f"{how} left the request unfinished in vLLM for {timeout:.0f} s (it is paused: only an abort ends it)"
+            )
+            await asyncio.sleep(0.05)
+
+    async def close_after_first_chunk() -> None:
+        for _ in range(3):  # the pause lands a step after the first chunk; a retry covers a badly delayed one
+            stream = engine.generate(_request(prompt=prompt, rid="closed", max_tokens=MAX_OUTPUT, temperature=0.0))
+            try:
+                if await held(anext(stream)):
+                    await stream.aclose()  # type: ignore[attr-defined]
+                    await aborted("closing the stream")
+                    return
+                await stream.aclose()  # type: ignore[attr-defined]
+            finally:
+                await llm.resume_generation()
+        pytest.fail(f"the request ran all {MAX_OUTPUT} tokens before the pause could hold it, 3 times")
+
+    async def consume(first: asyncio.Event) -> None:
+        async for _ in engine.generate(
+            _request(prompt=prompt, rid="cancelled", max_tokens=MAX_OUTPUT, temperature=0.0)
+        ):
+            first.set()
 
     async def cancel_consumer() -> None:
-        first = asyncio.Event()
+        for _ in range(3):
+            first = asyncio.Event()
+            task = asyncio.create_task(consume(first))
+            try:
+                if await held(first.wait()):
+                    task.cancel()
+                    with pytest.raises(asyncio.CancelledError):
+                        await task
+                    await aborted("cancelling the task that reads the stream")
+                    return
+                await asyncio.wait_for(task, REQUEST_TIMEOUT_S)
+            finally:
+                await llm.resume_generation()
+        pytest.fail(f"the request ran all {MAX_OUTPUT} tokens before the pause could hold it, 3 times")
 
-        async def consume() -> None:
-            async for _ in engine.generate(_request(prompt="The queen", max_tokens=MAX_OUTPUT, rid="c")):
-                first.set()
-
-        task = asyncio.create_task(consume())
-        await asyncio.wait_for(first.wait(), REQUEST_TIMEOUT_S)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        await _wait_idle(engine)
-
+    loop.run(close_after_first_chunk())
     loop.run(cancel_consumer())
-    chunks = loop.run(_collect(engine, _request(max_tokens=4, temperature=0.0)))
-    assert chunks[-1].finish_reason == "length"
+    # Unpaused and left alone, the same request runs to its length limit: the closes above cut it short.
+    chunks = loop.run(_collect(engine, _request(prompt=prompt, max_tokens=MAX_OUTPUT, temperature=0.0)))
+    assert (chunks[-1].finish_reason, chunks[-1].completion_tokens) == ("length", MAX_OUTPUT)
+    assert engine.num_unfinished_requests == 0
     loop.run(engine.check_health())
 
 
@@ -300,14 +339,14 @@ def test_unknown_engine_kwargs_fail_before_loading(loop: LoopThread, tiny_llama:
     eng = VLLMEngine(_spec(tiny_llama, engine_kwargs={"max_num_seqs": 4, "warp_speed": 9}))
     with pytest.raises(EngineStartError, match=r"unknown engine_kwargs \['warp_speed'\].*max_num_seqs"):
         loop.run(eng.start())
-    eng = VLLMEngine(_spec(tiny_llama, engine_kwargs={"max_model_len": 64}))
-    with pytest.raises(EngineStartError, match="context_length"):
-        loop.run(eng.start())
     assert eng._llm is None
+    # What the spec decides cannot be set again through engine_kwargs: refused when the plan is compiled.
+    with pytest.raises(PlanError, match="context_length"):
+        VLLMEngine(_spec(tiny_llama, engine_kwargs={"max_model_len": 64}))
 
 
 def test_gpus_on_the_cpu_build_fail_to_start(loop: LoopThread, tiny_llama: Path) -> None:
-    eng = VLLMEngine(_spec(tiny_llama, resources={"num_gpus": 1}))
+    eng = VLLMEngine(_spec(tiny_llama, resources={"num_gpus": 1}, engine_kwargs={}))
     with pytest.raises(EngineStartError, match="CPU build"):
         loop.run(eng.start())
 

@@ -6,8 +6,8 @@ import asyncio
 import contextlib
 import math
 import os
-import time
-from collections.abc import AsyncGenerator, Awaitable, Iterator
+import threading
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -73,6 +73,20 @@ async def collect(engine: TransformersEngine, request: GenerateRequest) -> list[
 
 def text_of(chunks: list[GenerateChunk]) -> str:
     return "".join(chunk.text for chunk in chunks)
+
+
+async def one_batch(run_batch: Callable[[list[WorkItem[Any]]], None], payloads: list[Any]) -> list[list[object]]:
+    """Run `payloads` as exactly one batch of an engine's batch function, off the loop as its worker does.
+
+    Returns the values sent for each payload, in order (their callbacks run on this loop before the thread's
+    result comes back).
+    """
+    loop = asyncio.get_running_loop()
+    received: list[list[object]] = [[] for _ in payloads]
+    items = [WorkItem(payload, loop, values.append) for payload, values in zip(payloads, received, strict=True)]
+    await asyncio.to_thread(run_batch, items)
+    assert all(item.done for item in items), "the batch left items without a final value"
+    return received
 
 
 @pytest.fixture(scope="module")
@@ -155,18 +169,21 @@ def test_greedy_is_deterministic(llm: TransformersEngine) -> None:
 
 def test_batching_does_not_change_greedy_output(llm: TransformersEngine) -> None:
     requests = [completion(prompt, max_tokens=10 + 2 * i) for i, prompt in enumerate(PROMPTS)]
-    alone = [run(collect(llm, request)) for request in requests]
-    before = llm.stats
+    alone = [text_of(run(collect(llm, request))) for request in requests]
+
+    # All eight in one batch (prompts of different lengths, left-padded; rows leave as they finish). The batch
+    # function runs them directly: how the queue groups concurrent requests depends on timing.
+    received = run(one_batch(llm._generate_batch, [llm._prepare_generate(request) for request in requests]))
+    batched = [[value for value in values if isinstance(value, GenerateChunk)] for values in received]
+    assert [len(chunks) for chunks in batched] == [len(values) for values in received], received
+    assert [text_of(chunks) for chunks in batched] == alone
+    assert [chunks[-1].completion_tokens for chunks in batched] == [10 + 2 * i for i in range(8)]
 
     async def together() -> list[list[GenerateChunk]]:
         return list(await asyncio.gather(*(collect(llm, request) for request in requests)))
 
-    batched = run(together())
-    after = llm.stats
-    assert [text_of(c) for c in batched] == [text_of(c) for c in alone]
-    assert [c[-1].completion_tokens for c in batched] == [10 + 2 * i for i in range(8)]
-    assert after.batches - before.batches < 8, "8 concurrent requests should share batches"
-    assert after.max_batch_size_seen >= 2
+    # Through the queue, concurrent requests get the same answers however they are grouped.
+    assert [text_of(chunks) for chunks in run(together())] == alone
 
 
 def test_seeded_sampling_is_reproducible(llm: TransformersEngine) -> None:
@@ -272,26 +289,37 @@ def test_generate_model_cannot_embed(llm: TransformersEngine) -> None:
 # -- generation: cancellation, failures, shutdown -------------------------------------------------------
 
 
-def test_closed_stream_stops_generation(llm: TransformersEngine) -> None:
-    long = completion(PROMPTS[0], max_tokens=240)
+def test_closed_stream_stops_generation(llm: TransformersEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once the client closes the stream, the worker stops at the step it is in: no more forward passes for it.
 
-    async def full_run() -> float:
-        started = time.monotonic()
-        await collect(llm, long)
-        return time.monotonic() - started
+    The worker waits in its second forward pass until the stream is closed, so what it does after the close
+    does not depend on timing.
+    """
+    forward = llm._model.forward
+    passes: list[int] = []
+    closed = threading.Event()
 
-    async def abandon_then_short() -> float:
-        stream = cast(AsyncGenerator[GenerateChunk, None], llm.generate(long))
-        await anext(stream)
-        await anext(stream)
-        started = time.monotonic()
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        passes.append(len(passes) + 1)
+        if len(passes) == 2:
+            closed.wait(TIMEOUT_S)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(llm._model, "forward", counted)
+
+    async def abandon_then_short() -> GenerateChunk:
+        stream = cast(AsyncGenerator[GenerateChunk, None], llm.generate(completion(PROMPTS[0], max_tokens=240)))
+        first = await anext(stream)  # the prompt's forward pass made the first token
         await stream.aclose()  # the client went away
-        await collect(llm, completion("hi", max_tokens=1))  # runs only once the long batch has ended
-        return time.monotonic() - started
+        closed.set()
+        await collect(llm, completion("hi", max_tokens=1))  # one forward pass, run once the long batch has ended
+        return first
 
-    full = run(full_run())
-    after_close = run(abandon_then_short())
-    assert after_close < full / 3, f"the abandoned request kept generating ({after_close:.2f}s vs {full:.2f}s)"
+    first = run(abandon_then_short())
+    assert first.completion_tokens == 1 and first.finish_reason is None
+    assert len(passes) == 3, (
+        f"{len(passes) - 1} forward passes for the long request; its stream was closed during the second"
+    )
 
 
 class _Fatal(BaseException):
@@ -408,16 +436,20 @@ def test_embeddings_shape_and_norm(embedder: TransformersEngine) -> None:
 
 def test_embeddings_same_alone_and_batched(embedder: TransformersEngine) -> None:
     alone = [run(embedder.embed(EmbedRequest(request_id="e", inputs=(text,)))).embeddings[0] for text in TEXTS]
-    before = embedder.stats
+
+    # All four in one padded batch, run by the batch function directly (the queue's grouping depends on timing).
+    received = run(one_batch(embedder._embed_batch, embedder._tokenizer(list(TEXTS))["input_ids"]))
+    assert all(len(values) == 1 and isinstance(values[0], tuple) for values in received), received
+    in_one_batch = [cast(tuple[float, ...], values[0]) for values in received]
 
     async def concurrent() -> list[Any]:
         requests = [EmbedRequest(request_id=str(i), inputs=(text,)) for i, text in enumerate(TEXTS)]
         return list(await asyncio.gather(*(embedder.embed(r) for r in requests)))
 
-    together = [result.embeddings[0] for result in run(concurrent())]
-    assert embedder.stats.batches - before.batches < len(TEXTS)
-    for a, b in zip(alone, together, strict=True):
-        assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-5
+    through_the_queue = [result.embeddings[0] for result in run(concurrent())]
+    for vectors in (in_one_batch, through_the_queue):
+        for a, b in zip(alone, vectors, strict=True):
+            assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-5
 
 
 def test_large_embed_request_is_split(embedder: TransformersEngine) -> None:
@@ -486,14 +518,19 @@ def test_minilm_embeddings(cache_dir: Path) -> None:
 # -- placement ----------------------------------------------------------------------------------------------
 
 
-def test_batch_thread_computes_on_the_engine_cores(bert_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_batch_thread_computes_on_the_engine_cores(bert_dir: Path) -> None:
     from deployments import cpus
+    from deployments.plan import plan_engine
 
     core = min(cpus.usable_cpus())
-    monkeypatch.setenv(cpus.ENGINE_CPUS_ENV, str(core))
-    with started(spec(bert_dir, task="embed")) as engine:
+    model = spec(bert_dir, task="embed")
+    engine = TransformersEngine(model, plan_engine(model, engine_cpus=str(core)))  # the deployment plan's cores
+    run(engine.start())
+    try:
         result = run(engine.embed(EmbedRequest(request_id="pinned", inputs=("on the engine core",))))
         assert len(result.embeddings) == 1
         thread = engine._worker._thread  # the batch thread: where the model computes
         assert thread.native_id is not None and os.sched_getaffinity(thread.native_id) == {core}
+    finally:
+        run(engine.shutdown())
     assert len(cpus.usable_cpus()) == 1 or cpus.usable_cpus() != {core}  # the calling thread was not moved
