@@ -1,12 +1,10 @@
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
-from cluster.reference import README_MARKERS, render_readme, schema_json
 from deployments.config import ConfigError, ServingConfig, load_config
 from models.spec import ModelSpec
 
@@ -83,14 +81,3 @@ def test_config_is_frozen() -> None:
     spec = ModelSpec(id="a", task="generate", engine="echo")
     with pytest.raises(ValidationError):
         spec.id = "b"  # type: ignore[misc]
-
-
-def test_schema_json_in_sync() -> None:
-    committed = (ROOT / "deployments" / "configs" / "schema.json").read_text()
-    assert json.loads(committed) == json.loads(schema_json()), "run `make docs` to regenerate schema.json"
-
-
-def test_readme_config_reference_in_sync() -> None:
-    readme = (ROOT / "README.md").read_text()
-    assert README_MARKERS[0] in readme
-    assert render_readme(readme) == readme, "run `make docs` to regenerate the README's config reference"
