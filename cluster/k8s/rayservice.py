@@ -1,0 +1,204 @@
+"""The RayService of a plan: a KubeRay cluster (head, CPU and GPU worker groups, autoscaling, token auth) that
+deploys the plan's config through Serve.
+
+Read from the plan: the Serve app (its config, as `args`), the Ray environment of every process, each replica's
+resources (bundles) and replica counts (worker group shapes and bounds, `cluster.k8s.groups`). Read from the
+render options: the image, the code's location, the weights claim, GPU node selection and the profile's pod
+shapes. Nothing about Serve's deployments is decided here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from importlib import metadata
+from pathlib import PurePosixPath
+from typing import Any
+
+from cluster.k8s.accelerators import GPU_RESOURCE, gpu_node_placement
+from cluster.k8s.auth import auth_options
+from cluster.k8s.constants import APP_LABELS, METRICS_PORT, METRICS_PORT_NAME, SERVE_PORT_NAME
+from cluster.k8s.errors import RenderError
+from cluster.k8s.groups import ACCELERATOR_PREFIX, WorkerGroup, plan_worker_groups
+from cluster.k8s.manifest import dump
+from cluster.k8s.profile import PROFILES, Profile, RenderOptions, default_image
+from cluster.k8s.serve_config import serve_config
+from deployments.plan import DeploymentPlan
+
+__all__ = ["READY_PATH", "rayservice"]
+
+# The router answers 200 here only once every model has answered a real request (deployments/api/ingress.py).
+READY_PATH = "/readyz"
+_READY_TIMEOUT_S = 12  # the router waits up to 10 s for each model's answer
+# KubeRay appends 6 characters to a RayService's name for its RayCluster, whose name must stay within 53.
+_MAX_NAME = 47
+_DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+_WEIGHTS_VOLUME = "model-weights"
+# A pod never reaches a model hub: weights come from the claim or from packages in the image.
+_POD_ENV = {"HF_HUB_OFFLINE": "1"}
+
+
+def rayservice(plan: DeploymentPlan, options: RenderOptions) -> dict[str, Any]:
+    """The RayService (ray.io/v1) that serves a plan on Kubernetes.
+
+    Args:
+        plan: the plan as the cluster compiles it (`compile_plan(config)`: no engine cores).
+        options: image, code, weights and node selection.
+
+    Raises:
+        RenderError: the app name is not a valid RayService name, a model needs GPUs on the cpu profile, an
+            accelerator type has no node label value, weights are expected on a claim that is not given, or the
+            config holds API keys.
+    """
+    config = plan.config
+    if not _DNS_1035.match(config.name) or len(config.name) > _MAX_NAME:
+        raise RenderError(
+            f"the app name '{config.name}' names the RayService: use at most {_MAX_NAME} lowercase letters, digits "
+            "and '-', starting with a letter"
+        )
+    _check_weights(plan, options)
+    profile = PROFILES[options.profile]
+    groups = plan_worker_groups(plan, profile)
+    image = options.image or default_image(profile.name)
+    serve = serve_config(plan, working_dir=options.working_dir)
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayService",
+        "metadata": {"name": config.name, "labels": dict(APP_LABELS)},
+        "spec": {
+            # A changed cluster spec starts a new RayCluster; traffic moves once its app is ready.
+            "upgradeStrategy": {"type": "NewCluster"},
+            "serveConfigV2": dump(serve),
+            "rayClusterConfig": {
+                "rayVersion": metadata.version("ray"),
+                "enableInTreeAutoscaling": True,
+                "autoscalerOptions": {"upscalingMode": "Default", "idleTimeoutSeconds": profile.idle_timeout_s},
+                "authOptions": auth_options(),
+                "headGroupSpec": _head_group(plan, profile, image),
+                "workerGroupSpecs": [_worker_group(plan, profile, options, image, group) for group in groups],
+            },
+        },
+    }
+
+
+def _on_claim(plan: DeploymentPlan, options: RenderOptions) -> set[str]:
+    """The deployments whose weights lie under the claim's mount."""
+    mount = PurePosixPath(options.weights_mount)
+    return {m.deployment_name for m in plan.models if m.spec.source and mount in PurePosixPath(m.spec.source).parents}
+
+
+def _check_weights(plan: DeploymentPlan, options: RenderOptions) -> None:
+    if options.weights_pvc:
+        return
+    on_claim = _on_claim(plan, options)
+    for model in plan.models:
+        if model.deployment_name in on_claim:
+            raise RenderError(
+                f"model '{model.spec.id}' loads its weights from {model.spec.source}, under {options.weights_mount}, "
+                "but no weights claim is mounted there: pass --weights-pvc NAME"
+            )
+
+
+def _env(*parts: dict[str, str]) -> list[dict[str, str]]:
+    merged: dict[str, str] = {}
+    for part in parts:
+        merged.update(part)
+    return [{"name": k, "value": v} for k, v in merged.items()]
+
+
+def _resources(cpus: int, memory_gib: int, gpus: int = 0) -> dict[str, Any]:
+    # Requests equal limits: Guaranteed QoS, and whole cores, so a kubelet with the static CPU manager gives the
+    # pod cores of its own; Ray advertises exactly these CPUs and GPUs.
+    amounts: dict[str, Any] = {"cpu": str(cpus), "memory": f"{memory_gib}Gi"}
+    if gpus:
+        amounts[GPU_RESOURCE] = str(gpus)
+    return {"requests": dict(amounts), "limits": dict(amounts)}
+
+
+def _port(name: str, number: int) -> dict[str, Any]:
+    return {"name": name, "containerPort": number}
+
+
+def _head_group(plan: DeploymentPlan, profile: Profile, image: str) -> dict[str, Any]:
+    container = {
+        "name": "ray-head",
+        "image": image,
+        "imagePullPolicy": "IfNotPresent",
+        "ports": [
+            _port("gcs-server", 6379),
+            _port("dashboard", 8265),
+            _port("client", 10001),
+            _port(SERVE_PORT_NAME, plan.config.router.port),
+            _port(METRICS_PORT_NAME, METRICS_PORT),
+        ],
+        "env": _env(plan.ray_env, _POD_ENV),
+        "resources": _resources(profile.head_cpus, profile.head_memory_gib),
+        # No readiness probe of ours: KubeRay sends the Serve config only once the head pod is ready, so a probe
+        # that waits for the app would never pass. KubeRay's default probe checks Ray's own health, and the
+        # operator puts the head's proxy behind the serve Service only while it answers.
+    }
+    return {
+        "rayStartParams": {
+            # Replicas run on workers: the head keeps the GCS, the dashboard and the Serve controller.
+            "num-cpus": "0",
+            "dashboard-host": "0.0.0.0",
+            "metrics-export-port": str(METRICS_PORT),
+        },
+        "template": {
+            "metadata": {"labels": {**APP_LABELS, "app.kubernetes.io/component": "ray-head"}},
+            "spec": {"containers": [container]},
+        },
+    }
+
+
+def _worker_group(
+    plan: DeploymentPlan, profile: Profile, options: RenderOptions, image: str, group: WorkerGroup
+) -> dict[str, Any]:
+    config = plan.config
+    ready_path = config.route_prefix.rstrip("/") + READY_PATH
+    container: dict[str, Any] = {
+        "name": "ray-worker",
+        "image": image,
+        "imagePullPolicy": "IfNotPresent",
+        "ports": [_port(SERVE_PORT_NAME, config.router.port), _port(METRICS_PORT_NAME, METRICS_PORT)],
+        "env": _env(plan.ray_env, dict(profile.worker_env), _POD_ENV),
+        "resources": _resources(group.cpus, group.memory_gib, group.gpus),
+        # In the serve Service only while the app answers: this node's Serve proxy hands /readyz to the router,
+        # which says 200 once every model has answered a real request (KubeRay keeps a probe it finds).
+        "readinessProbe": {
+            "httpGet": {"path": ready_path, "port": SERVE_PORT_NAME},
+            "initialDelaySeconds": 10,
+            "periodSeconds": 10,
+            "timeoutSeconds": _READY_TIMEOUT_S,
+            "failureThreshold": 3,
+        },
+    }
+    pod: dict[str, Any] = {"containers": [container]}
+    # Only where a replica reads from it: a ReadWriteOnce claim attaches to one node at a time.
+    if options.weights_pvc and _on_claim(plan, options) & set(group.hosts):
+        container["volumeMounts"] = [{"name": _WEIGHTS_VOLUME, "mountPath": options.weights_mount, "readOnly": True}]
+        pod["volumes"] = [
+            {"name": _WEIGHTS_VOLUME, "persistentVolumeClaim": {"claimName": options.weights_pvc, "readOnly": True}}
+        ]
+    params = {"num-cpus": str(group.cpus), "metrics-export-port": str(METRICS_PORT)}
+    if group.gpus:
+        params["num-gpus"] = str(group.gpus)
+        label, values = options.gpu_node_label, options.gpu_node_values
+        pod.update(gpu_node_placement(group.accelerator_type, label=label, overrides=values))
+        if group.accelerator_type:
+            # Ray advertises `accelerator_type:<T>: 1` on a node with such GPUs; stated here so the autoscaler knows
+            # before the pod exists which group serves a replica that asks for the type. Single-quoted JSON, as
+            # KubeRay writes it itself: KubeRay pastes the value into the `ray start` shell command, and both it
+            # and Ray's autoscaler strip one pair of quotes before parsing.
+            params["resources"] = "'" + json.dumps({f"{ACCELERATOR_PREFIX}{group.accelerator_type}": 1}) + "'"
+    return {
+        "groupName": group.name,
+        "replicas": group.min_replicas,
+        "minReplicas": group.min_replicas,
+        "maxReplicas": group.max_replicas,
+        "rayStartParams": params,
+        "template": {
+            "metadata": {"labels": {**APP_LABELS, "app.kubernetes.io/component": f"ray-worker-{group.name}"}},
+            "spec": pod,
+        },
+    }
