@@ -19,6 +19,7 @@ from models.spec import FrozenModel, ModelSpec
 
 __all__ = [
     "RAY_ENV",
+    "REQUEST_ROUTERS",
     "ROUTER_DEPLOYMENT",
     "DeploymentPlan",
     "EnginePlan",
@@ -59,6 +60,14 @@ _GPU_MEMORY_UTILIZATION = 0.9  # vLLM's default share of a whole GPU
 # A tiny request for Ray's `accelerator_type:<name>` resource pins a bundle to such a node, exactly as the actor
 # option `accelerator_type` does.
 _ACCELERATOR_SHARE = 0.001
+
+
+# The RequestRouter of each routing policy, by import path: Serve imports it in every process that routes to the
+# model, and a string keeps the plan JSON-serialisable. 'pow2' is Serve's default router (no option at all).
+REQUEST_ROUTERS = {
+    "session": "deployments.routing.session.SessionRouter",
+    "prefix": "deployments.routing.prefix.PrefixRouter",
+}
 
 
 class PlanError(ValueError):
@@ -246,6 +255,9 @@ def _serve_options(spec: ModelSpec, bundles: list[dict[str, float]] | None) -> d
         # every time: report it after 3 tries instead of Serve's default 20.
         "max_constructor_retry_count": 3,
     }
+    router = _request_router_config(spec)
+    if router is not None:
+        options["request_router_config"] = router
     if bundles is not None:
         options["placement_group_bundles"] = bundles
         options["placement_group_strategy"] = spec.parallelism.placement_strategy
@@ -261,6 +273,17 @@ def _serve_options(spec: ModelSpec, bundles: list[dict[str, float]] | None) -> d
     else:
         options["num_replicas"] = scaling.max_replicas
     return options
+
+
+def _request_router_config(spec: ModelSpec) -> dict[str, Any] | None:
+    """Serve's `request_router_config` of the spec's routing policy, as the dict Serve accepts; None for 'pow2'."""
+    routing = spec.routing
+    if routing.policy == "pow2":
+        return None
+    kwargs: dict[str, Any] = {"table_size": routing.table_size, "overload_queue_len": routing.overload_queue_len}
+    if routing.policy == "prefix":
+        kwargs |= {"block_chars": routing.prefix_block_chars, "max_chars": routing.prefix_max_chars}
+    return {"request_router_class": REQUEST_ROUTERS[routing.policy], "request_router_kwargs": kwargs}
 
 
 # -- vLLM -----------------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ class ModelReplica:
 
     async def __init__(self, plan: ModelPlan, *, engine_cls: type[Engine] | None = None) -> None:
         spec = self.spec = plan.spec
+        self.replica_id = _serve_replica_id()
         cls = engine_cls or engines.resolve(spec.engine)
         self.engine = cls(spec, plan.engine)
         started = time.monotonic()
@@ -57,8 +58,13 @@ class ModelReplica:
             await self.embed(EmbedRequest(request_id="warmup", inputs=("Hello",)))
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
-        """Stream output chunks (called with a streaming handle)."""
+        """Stream output chunks (called with a streaming handle); the first one names this replica."""
+        first = True
         async for chunk in self.engine.generate(request):
+            if first:
+                # The first chunk, not the last: the API layer sends the response headers before the rest.
+                chunk = chunk.model_copy(update={"replica": self.replica_id})
+                first = False
             yield chunk
 
     async def complete(self, request: GenerateRequest) -> GenerateChunk:
@@ -78,6 +84,7 @@ class ModelReplica:
             completion_tokens=last.completion_tokens,
             finish_reason=last.finish_reason,
             logprobs=tuple(logprobs) if request.sampling.logprobs is not None else None,
+            replica=self.replica_id,
         )
 
     async def embed(self, request: EmbedRequest) -> EmbedResult:
@@ -88,7 +95,8 @@ class ModelReplica:
         """
         if not isinstance(self.engine, EmbeddingEngine) or self.spec.task != "embed":
             raise InvalidRequestError(f"model '{self.spec.id}' does not serve embeddings", param="model")
-        return await self.engine.embed(request)
+        result = await self.engine.embed(request)
+        return result.model_copy(update={"replica": self.replica_id})
 
     async def ready(self) -> bool:
         """True: a replica that answers has finished warm-up."""
@@ -114,3 +122,14 @@ class ModelReplica:
 
     async def __del__(self) -> None:
         await self.engine.shutdown()
+
+
+def _serve_replica_id() -> str | None:
+    """This Serve replica's id (the suffix Serve's logs and `serve status` show), or None outside a replica."""
+    from ray import serve
+    from ray.serve.exceptions import RayServeException
+
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except RayServeException:
+        return None

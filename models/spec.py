@@ -13,10 +13,12 @@ __all__ = [
     "ModelSpec",
     "ParallelismConfig",
     "ResourcesConfig",
+    "RoutingConfig",
     "ScalingConfig",
 ]
 
 _MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+_HEADER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,63}$")
 
 
 class FrozenModel(BaseModel):
@@ -114,6 +116,90 @@ class ParallelismConfig(FrozenModel):
         return self.tensor_parallel_size * self.pipeline_parallel_size
 
 
+class RoutingConfig(FrozenModel):
+    """Which replica of the model serves a request: chosen in Serve's request router, with no extra hop."""
+
+    policy: Literal["pow2", "session", "prefix"] = Field(
+        "pow2",
+        description=(
+            "'pow2': Serve's default (the less loaded of two random replicas). 'session': requests with the same "
+            "session key (the session header, else the OpenAI `user` field) go to the same replica. 'prefix': "
+            "requests that share a long prompt prefix go to the replica that served that prefix last (its KV "
+            "cache holds it). Both move to the least loaded replica when theirs is gone or overloaded."
+        ),
+    )
+    session_header: str = Field(
+        "x-session-id",
+        description="policy 'session': the request header holding the session key (case-insensitive).",
+    )
+    prefix_block_chars: int = Field(
+        256,
+        ge=16,
+        le=65536,
+        description=(
+            "policy 'prefix': the prompt is hashed in blocks of this many characters (not tokens: the router "
+            "does not tokenize; about 4 characters per token in English). Requests match when their prompts "
+            "share at least one whole block from the start; shorter prompts are routed as with 'pow2'."
+        ),
+    )
+    prefix_max_chars: int = Field(
+        8192,
+        ge=16,
+        le=1_048_576,
+        description="policy 'prefix': only the prompt's first this-many characters are hashed (bounds routing cost).",
+    )
+    table_size: int = Field(
+        65536,
+        ge=1,
+        le=10_000_000,
+        description=(
+            "policies 'session' and 'prefix': most keys (sessions, or prefix blocks) each router replica remembers; "
+            "the least recently used are forgotten first, and a forgotten key is placed again like a new one."
+        ),
+    )
+    overload_queue_len: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "policies 'session' and 'prefix': a key's replica counts as overloaded when it holds this many "
+            "requests (unset: scaling.max_ongoing_requests, i.e. full); the request then goes to the least loaded "
+            "replica instead, and the key moves with it."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _fields_of_policy(self) -> RoutingConfig:
+        owners = {
+            "session_header": ("session",),
+            "prefix_block_chars": ("prefix",),
+            "prefix_max_chars": ("prefix",),
+            "table_size": ("session", "prefix"),
+            "overload_queue_len": ("session", "prefix"),
+        }
+        fields = type(self).model_fields
+        for name, policies in owners.items():
+            # Compared with the default, not `model_fields_set`: a dumped config (all fields written) must load again.
+            if getattr(self, name) != fields[name].default and self.policy not in policies:
+                wanted = " or ".join(f"'{p}'" for p in policies)
+                raise ValueError(
+                    f"`{name}` applies to policy {wanted}, not '{self.policy}': remove it or set policy: {policies[0]}"
+                )
+        if self.prefix_max_chars < self.prefix_block_chars:
+            raise ValueError(
+                f"`prefix_max_chars` ({self.prefix_max_chars}) is below `prefix_block_chars` "
+                f"({self.prefix_block_chars}): no block would be hashed; raise prefix_max_chars"
+            )
+        return self
+
+    @field_validator("session_header")
+    @classmethod
+    def _header_name(cls, value: str) -> str:
+        if not _HEADER_NAME.match(value):
+            raise ValueError("must be a header name of 1-64 letters, digits and '-', e.g. 'x-session-id'")
+        # Header names are case-insensitive: the plan shows one spelling.
+        return value.lower()
+
+
 class ModelSpec(FrozenModel):
     """One model the cluster serves: what it is, which engine runs it, and what it costs."""
 
@@ -152,6 +238,9 @@ class ModelSpec(FrozenModel):
     parallelism: ParallelismConfig = Field(
         default_factory=ParallelismConfig, description="Tensor/pipeline parallel workers per replica (vLLM)."
     )
+    routing: RoutingConfig = Field(
+        default_factory=RoutingConfig, description="Which replica serves a request (cache-affine routing)."
+    )
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Engine-specific options, passed through and checked by the engine."
     )
@@ -182,6 +271,21 @@ class ModelSpec(FrozenModel):
             and (self.parallelism.world_size > 1)
         ):
             raise ValueError("with tensor/pipeline parallelism, `num_gpus` (per worker) must be a whole number")
+        return self
+
+    @model_validator(mode="after")
+    def _routing_fits(self) -> ModelSpec:
+        routing, most = self.routing, self.scaling.max_ongoing_requests
+        if routing.overload_queue_len is not None and routing.overload_queue_len > most:
+            raise ValueError(
+                f"`routing.overload_queue_len` ({routing.overload_queue_len}) is above `scaling.max_ongoing_requests` "
+                f"({most}), which a replica never exceeds: lower overload_queue_len or unset it"
+            )
+        if routing.policy == "prefix" and self.task != "generate":
+            raise ValueError(
+                "routing policy 'prefix' follows the prompt's KV cache and needs task 'generate'; "
+                "use policy 'pow2' or 'session' for embeddings"
+            )
         return self
 
     @property

@@ -74,6 +74,11 @@ class Completion:
         self.request_id = request.request_id
         self.id = new_id("chatcmpl" if chat else "cmpl")
         self.created = int(time.time())
+        #: The replicas that serve the choices, once known (response() or stream() returned), in choice order.
+        self.replicas: list[str] = []
+
+    def _served_by(self, chunks: list[GenerateChunk] | list[GenerateChunk | None]) -> None:
+        self.replicas = list(dict.fromkeys(c.replica for c in chunks if c is not None and c.replica))
 
     def _choice(self, index: int, chunk: GenerateChunk, *, delta: bool, text_offset: int = 0) -> dict[str, Any]:
         choice: dict[str, Any] = {"index": index}
@@ -113,6 +118,7 @@ class Completion:
             ServingError: any choice failed.
         """
         outs = await asyncio.gather(*(self.router.complete(self.body.model, r) for r in self.requests))
+        self._served_by(outs)
         return {
             **self._envelope(chunk=False),
             "choices": [self._choice(i, out, delta=False) for i, out in enumerate(outs)],
@@ -140,6 +146,7 @@ class Completion:
         except BaseException:
             await asyncio.gather(*(s.aclose() for s in streams), return_exceptions=True)  # type: ignore[attr-defined]
             raise
+        self._served_by(firsts)
         return self._sse(streams, firsts)
 
     async def _sse(

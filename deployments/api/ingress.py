@@ -41,12 +41,16 @@ from deployments.errors import (
     ServingError,
 )
 from deployments.router import Router
+from models.spec import ModelSpec
 
-__all__ = ["OpenAIIngress", "app"]
+__all__ = ["REPLICA_HEADER", "OpenAIIngress", "app"]
 
 logger = logging.getLogger(__name__)
 
 _OPEN_PATHS = {"/healthz", "/readyz", "/openapi.json", "/docs"}
+# Which Serve replica(s) served a request (comma-separated when `n` choices landed on several): for operators, and
+# for the routing tests.
+REPLICA_HEADER = "x-modelfleet-replica"
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 404, 408, 413, 429, 500, 503)
 }
@@ -56,6 +60,17 @@ def _request_id(request: Request) -> str:
     # Set for every HTTP request by _LimitsMiddleware, the outermost layer.
     rid: str = request.scope["modelfleet.request_id"]
     return rid
+
+
+def _session_key(spec: ModelSpec, request: Request, user: str | None) -> str | None:
+    """The session key a model with routing policy 'session' routes by: its session header, else `user`."""
+    if spec.routing.policy != "session":
+        return None
+    return request.headers.get(spec.routing.session_header) or user or None
+
+
+def _replica_header(replicas: list[str]) -> dict[str, str]:
+    return {REPLICA_HEADER: ",".join(replicas)} if replicas else {}
 
 
 def _error(exc: BaseException, request_id: str) -> JSONResponse:
@@ -226,26 +241,34 @@ class OpenAIIngress:
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
         """Chat completion, streamed as SSE when `stream` is true."""
         spec = self.router.spec_for(body.model, "generate")
-        rid = _request_id(request)
         gen = GenerateRequest(
-            request_id=rid, messages=body.chat_messages(), sampling=body.sampling(spec.max_output_tokens)
+            request_id=_request_id(request),
+            messages=body.chat_messages(),
+            sampling=body.sampling(spec.max_output_tokens),
+            routing_key=_session_key(spec, request, body.user),
         )
         return await self._generate(body, gen, chat=True)
 
     @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         """Text completion, streamed as SSE when `stream` is true."""
-        self.router.spec_for(body.model, "generate")
-        rid = _request_id(request)
-        gen = GenerateRequest(request_id=rid, prompt=body.text, sampling=body.sampling())
+        spec = self.router.spec_for(body.model, "generate")
+        gen = GenerateRequest(
+            request_id=_request_id(request),
+            prompt=body.text,
+            sampling=body.sampling(),
+            routing_key=_session_key(spec, request, body.user),
+        )
         return await self._generate(body, gen, chat=False)
 
     @app.post("/v1/embeddings")
     async def embeddings(self, body: EmbeddingRequest, request: Request) -> JSONResponse:
         """Embeddings of one text or a list of texts."""
-        self.router.spec_for(body.model, "embed")
-        rid = _request_id(request)
-        result = await self.router.embed(body.model, EmbedRequest(request_id=rid, inputs=body.texts))
+        spec = self.router.spec_for(body.model, "embed")
+        embed = EmbedRequest(
+            request_id=_request_id(request), inputs=body.texts, routing_key=_session_key(spec, request, body.user)
+        )
+        result = await self.router.embed(body.model, embed)
         size = len(result.embeddings[0])
         if body.dimensions is not None and body.dimensions != size:
             raise InvalidRequestError(
@@ -258,12 +281,15 @@ class OpenAIIngress:
                 value = base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
             data.append({"object": "embedding", "index": i, "embedding": value})
         payload = {"object": "list", "data": data, "model": body.model, "usage": usage(result.prompt_tokens)}
-        return JSONResponse(payload)
+        return JSONResponse(payload, headers=_replica_header([result.replica] if result.replica else []))
 
     async def _generate(
         self, body: ChatCompletionRequest | CompletionRequest, gen: GenerateRequest, *, chat: bool
     ) -> Response:
         completion = Completion(self.router, body, gen, chat=chat)
         if not body.stream:
-            return JSONResponse(await completion.response())
-        return StreamingResponse(await completion.stream(), media_type="text/event-stream")
+            payload = await completion.response()
+            return JSONResponse(payload, headers=_replica_header(completion.replicas))
+        # stream() waits for every choice's first chunk, which names its replica, before the headers go out.
+        stream = await completion.stream()
+        return StreamingResponse(stream, media_type="text/event-stream", headers=_replica_header(completion.replicas))

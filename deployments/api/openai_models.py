@@ -28,7 +28,7 @@ def new_id(prefix: str) -> str:
 
 
 class _Request(BaseModel):
-    # Clients send fields we do not model (user, logit_bias, ...): ignore them, as OpenAI's own API does.
+    # Clients send fields we do not model (logit_bias, metadata, ...): ignore them, as OpenAI's own API does.
     model_config = ConfigDict(extra="ignore", protected_namespaces=())
 
 
@@ -67,6 +67,7 @@ class _SamplingFields(_Request):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     stream: bool = False
     stream_options: _StreamOptions | None = None
+    user: str | None = Field(None, description="The end user; a model with routing policy 'session' keys on it.")
 
     @field_validator("stop")
     @classmethod
@@ -151,6 +152,7 @@ class EmbeddingRequest(_Request):
     input: str | list[str] = Field(description="A text or a list of texts (at most 2048).")
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1, description="Accepted only if equal to the model's own size.")
+    user: str | None = Field(None, description="The end user; a model with routing policy 'session' keys on it.")
 
     @field_validator("input")
     @classmethod

@@ -117,6 +117,9 @@ class GenerateRequest(FrozenModel):
     prompt: str | None = None
     messages: tuple[ChatMessage, ...] | None = None
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    routing_key: str | None = Field(
+        None, description="Session key for the model's request router (policy 'session'); engines ignore it."
+    )
 
     @model_validator(mode="after")
     def _one_input(self) -> GenerateRequest:
@@ -145,6 +148,9 @@ class GenerateChunk(FrozenModel):
     completion_tokens: int
     finish_reason: FinishReason | None = None
     logprobs: tuple[TokenLogprob, ...] | None = None
+    replica: str | None = Field(
+        None, description="The Serve replica that served the request: set on a stream's first chunk and on a result."
+    )
 
 
 class EmbedRequest(FrozenModel):
@@ -152,6 +158,9 @@ class EmbedRequest(FrozenModel):
 
     request_id: str
     inputs: tuple[str, ...] = Field(min_length=1)
+    routing_key: str | None = Field(
+        None, description="Session key for the model's request router (policy 'session'); engines ignore it."
+    )
 
 
 class EmbedResult(FrozenModel):
@@ -159,6 +168,7 @@ class EmbedResult(FrozenModel):
 
     embeddings: tuple[tuple[float, ...], ...]
     prompt_tokens: int
+    replica: str | None = Field(None, description="The Serve replica that served the request.")
 
 
 class Engine(abc.ABC):

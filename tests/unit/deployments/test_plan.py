@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 import pytest
 
 from deployments.config import ServingConfig, load_config
-from deployments.plan import RAY_ENV, DeploymentPlan, PlanError, compile_plan, plan_engine
+from deployments.plan import RAY_ENV, REQUEST_ROUTERS, DeploymentPlan, PlanError, compile_plan, plan_engine
 from models.spec import ModelSpec
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -148,3 +149,37 @@ def test_queue_bound_is_configurable() -> None:
     assert compile_plan(ServingConfig(models=(spec,))).models[0].serve_options["max_queued_requests"] == -1
     with pytest.raises(ValueError, match="max_queued_requests"):
         ModelSpec(id="e", task="generate", engine="echo", scaling={"max_queued_requests": 0})
+
+
+def _echo(**overrides: Any) -> ModelSpec:
+    return ModelSpec(**{"id": "e", "task": "generate", "engine": "echo", **overrides})
+
+
+def test_plan_names_the_request_router_by_import_path() -> None:
+    session = _echo(id="s", routing={"policy": "session", "table_size": 100, "overload_queue_len": 4})
+    prefix = _echo(id="p", routing={"policy": "prefix", "prefix_block_chars": 64, "prefix_max_chars": 1024})
+    plan = compile_plan(ServingConfig(models=(session, prefix)))
+    assert plan.models[0].serve_options["request_router_config"] == {
+        "request_router_class": "deployments.routing.session.SessionRouter",
+        "request_router_kwargs": {"table_size": 100, "overload_queue_len": 4},
+    }
+    assert plan.models[1].serve_options["request_router_config"] == {
+        "request_router_class": "deployments.routing.prefix.PrefixRouter",
+        "request_router_kwargs": {
+            "table_size": 65536,
+            "overload_queue_len": None,
+            "block_chars": 64,
+            "max_chars": 1024,
+        },
+    }
+    # Plain data: the plan still round-trips through JSON.
+    assert DeploymentPlan.model_validate(json.loads(plan.model_dump_json())) == plan
+
+
+@pytest.mark.parametrize("path", sorted(REQUEST_ROUTERS.values()))
+def test_request_router_paths_name_modules_of_this_repo(path: str) -> None:
+    module, _, name = path.rpartition(".")
+    found = importlib.util.find_spec(module)  # finds the file without importing Ray
+    assert found is not None and found.origin is not None
+    with open(found.origin) as source:
+        assert f"class {name}(" in source.read()
