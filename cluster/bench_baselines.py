@@ -220,7 +220,7 @@ def vllm_server_command(
     vllm_spec = spec if spec.engine == "vllm" else spec.model_copy(update={"engine": "vllm", "engine_kwargs": {}})
     engine = plan_engine(vllm_spec, engine_cpus=engine_cpus)
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir)]
-    cmd += ["--served-model-name", spec.id, "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--host", "127.0.0.1", "--port", str(port)]  # the plan names the model (`served_model_name`)
     cmd += ["--generation-config", "vllm", "--disable-uvicorn-access-log"]
     for key, value in engine.kwargs.items():
         if key in ("model", "tokenizer"):

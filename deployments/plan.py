@@ -48,6 +48,7 @@ VLLM_OWN_KWARGS = ("cpu_kvcache_space_gb", "cpu_omp_threads_bind")
 _VLLM_FROM_SPEC = {
     "model": "source",
     "tokenizer": "source",
+    "served_model_name": "id",
     "dtype": "dtype",
     "max_model_len": "context_length",
     "tensor_parallel_size": "parallelism.tensor_parallel_size",
@@ -309,7 +310,10 @@ def _vllm_plan(spec: ModelSpec, engine_cpus: str | None) -> EnginePlan:
         "dtype": "float32" if spec.dtype == "auto" and on_cpu else spec.dtype,
         "tensor_parallel_size": spec.parallelism.tensor_parallel_size,
         "pipeline_parallel_size": spec.parallelism.pipeline_parallel_size,
-        "disable_log_stats": True,
+        # The `model_name` label of vLLM's own metrics (ray_vllm_*): the model id. Those metrics stay on (vLLM's
+        # default, no `disable_log_stats`); in a replica they go out through Ray's metrics agent
+        # (deployments.metrics). The bench's vLLM-server baseline reads these keywords too: it does the same work.
+        "served_model_name": spec.id,
         # Compiling triples the load time on CPU for no measured speed-up.
         "enforce_eager": on_cpu,
     }

@@ -8,7 +8,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from deployments import cpus, engines
+from deployments import cpus, engines, metrics
 from deployments.engines.protocol import (
     EmbeddingEngine,
     EmbedRequest,
@@ -17,7 +17,12 @@ from deployments.engines.protocol import (
     GenerateChunk,
     GenerateRequest,
     SamplingConfig,
+    TokenizeRequest,
+    TokenizeResult,
+    TokenizingEngine,
     TokenLogprob,
+    ToolCallDelta,
+    merge_tool_calls,
 )
 from deployments.errors import InvalidRequestError
 from deployments.plan import ModelPlan
@@ -47,6 +52,8 @@ class ModelReplica:
             cpus.lower_priority()
         await self._warm_up()
         self.ready_after_s = time.monotonic() - started
+        self.metrics = metrics.ReplicaMetrics(spec.id)
+        self.metrics.ready()
         logger.info("model %s ready (%s engine) in %.1f s", spec.id, spec.engine, self.ready_after_s)
 
     async def _warm_up(self) -> None:
@@ -55,27 +62,40 @@ class ModelReplica:
             async for _ in self.engine.generate(request):
                 pass
         else:
-            await self.embed(EmbedRequest(request_id="warmup", inputs=("Hello",)))
+            await self._embed(EmbedRequest(request_id="warmup", inputs=("Hello",)))
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
-        """Stream output chunks (called with a streaming handle); the first one names this replica."""
-        first = True
-        async for chunk in self.engine.generate(request):
-            if first:
-                # The first chunk, not the last: the API layer sends the response headers before the rest.
-                chunk = chunk.model_copy(update={"replica": self.replica_id})
-                first = False
-            yield chunk
+        """Stream output chunks (called with a streaming handle); the first one names this replica and carries its
+        time stamps."""
+        track = self.metrics.start()
+        last: GenerateChunk | None = None
+        try:
+            async for chunk in self.engine.generate(request):
+                if track.times is None:
+                    # The first chunk, not the last: the API layer sends the response headers before the rest.
+                    chunk = chunk.model_copy(update={"replica": self.replica_id, "times": track.first_output()})
+                last = chunk
+                yield chunk
+        finally:
+            track.finish(*_tokens(last))
 
     async def complete(self, request: GenerateRequest) -> GenerateChunk:
         """The whole output as one chunk: text joined, final counts and finish reason."""
         parts: list[str] = []
         logprobs: list[TokenLogprob] = []
+        calls: list[ToolCallDelta] = []
         last: GenerateChunk | None = None
-        async for chunk in self.engine.generate(request):
-            parts.append(chunk.text)
-            logprobs.extend(chunk.logprobs or ())
-            last = chunk
+        track = self.metrics.start()
+        try:
+            async for chunk in self.engine.generate(request):
+                if track.times is None:
+                    track.first_output()
+                parts.append(chunk.text)
+                logprobs.extend(chunk.logprobs or ())
+                calls.extend(chunk.tool_calls or ())
+                last = chunk
+        finally:
+            track.finish(*_tokens(last))
         if last is None:  # an engine always yields a final chunk; guard the contract anyway
             raise InvalidRequestError("the engine produced no output", param=None)
         return GenerateChunk(
@@ -84,8 +104,38 @@ class ModelReplica:
             completion_tokens=last.completion_tokens,
             finish_reason=last.finish_reason,
             logprobs=tuple(logprobs) if request.sampling.logprobs is not None else None,
+            tool_calls=merge_tool_calls(calls) if calls else None,
             replica=self.replica_id,
+            times=track.times,
         )
+
+    def _tokenizer(self) -> TokenizingEngine:
+        if not isinstance(self.engine, TokenizingEngine):
+            raise InvalidRequestError(
+                f"model '{self.spec.id}' runs on the {self.spec.engine} engine, which has no tokenizer", param="model"
+            )
+        return self.engine
+
+    async def tokenize(self, request: TokenizeRequest) -> TokenizeResult:
+        """Token ids of a text or of chat messages, as generation would see them.
+
+        Raises:
+            InvalidRequestError: the engine has no tokenizer, or the messages cannot be rendered.
+        """
+        return await self._tokenizer().tokenize(request)
+
+    async def detokenize(self, tokens: tuple[int, ...]) -> str:
+        """The text of token ids.
+
+        Raises:
+            InvalidRequestError: the engine has no tokenizer, or an id is outside the vocabulary.
+        """
+        return await self._tokenizer().detokenize(tokens)
+
+    async def describe(self) -> dict[str, Any]:
+        """What the model card shows that only the loaded engine knows: `max_model_len`."""
+        length = getattr(self.engine, "context_length", None)
+        return {"max_model_len": int(length) if length else None}
 
     async def embed(self, request: EmbedRequest) -> EmbedResult:
         """Embed the request's inputs.
@@ -93,10 +143,19 @@ class ModelReplica:
         Raises:
             InvalidRequestError: this model does not embed.
         """
+        track = self.metrics.start()
+        tokens = 0
+        try:
+            result = await self._embed(request)
+            tokens = result.prompt_tokens
+            return result.model_copy(update={"replica": self.replica_id, "times": track.first_output()})
+        finally:
+            track.finish(prompt_tokens=tokens)
+
+    async def _embed(self, request: EmbedRequest) -> EmbedResult:
         if not isinstance(self.engine, EmbeddingEngine) or self.spec.task != "embed":
             raise InvalidRequestError(f"model '{self.spec.id}' does not serve embeddings", param="model")
-        result = await self.engine.embed(request)
-        return result.model_copy(update={"replica": self.replica_id})
+        return await self.engine.embed(request)
 
     async def ready(self) -> bool:
         """True: a replica that answers has finished warm-up."""
@@ -121,7 +180,14 @@ class ModelReplica:
         await self.engine.check_health()
 
     async def __del__(self) -> None:
+        if hasattr(self, "metrics"):  # not when __init__ failed
+            self.metrics.stopped()
         await self.engine.shutdown()
+
+
+def _tokens(last: GenerateChunk | None) -> tuple[int, int]:
+    """(prompt, generated) tokens of a request whose last chunk so far is `last`."""
+    return (last.prompt_tokens, last.completion_tokens) if last is not None else (0, 0)
 
 
 def _serve_replica_id() -> str | None:

@@ -6,15 +6,23 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Mapping
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
+from deployments import timing
 from deployments.config import ServingConfig
-from deployments.engines.protocol import EmbedRequest, EmbedResult, GenerateChunk, GenerateRequest
+from deployments.engines.protocol import (
+    EmbedRequest,
+    EmbedResult,
+    GenerateChunk,
+    GenerateRequest,
+    TokenizeRequest,
+    TokenizeResult,
+)
 from deployments.errors import (
     EngineDeadError,
     EngineError,
@@ -47,6 +55,7 @@ class Router:
         self._unary = {mid: handles[mid].options(stream=False) for mid in self._specs}
         self._streaming = {mid: handles[mid].options(stream=True) for mid in self._specs}
         self._timeout_s = config.router.request_timeout_s
+        self._described: dict[str, dict[str, Any]] = {}
 
     @property
     def specs(self) -> list[ModelSpec]:
@@ -63,6 +72,7 @@ class Router:
         spec = self._specs.get(model_id)
         if spec is None:
             raise ModelNotFoundError(f"The model '{model_id}' does not exist. Served models: {', '.join(self._specs)}")
+        timing.label_model(model_id)
         if spec.task != task:
             raise InvalidRequestError(
                 f"The model '{model_id}' serves {_TASK_NAMES[spec.task]}, not {_TASK_NAMES[task]}", param="model"
@@ -76,7 +86,10 @@ class Router:
             ServingError: any failure, already mapped (see deployments.errors).
         """
         self.spec_for(model_id, "generate")
-        return await self._call(self._unary[model_id].complete.remote(request))
+        watch = timing.dispatch(model_id)
+        result = await self._call(self._unary[model_id].complete.remote(request))
+        watch.result(result)
+        return result
 
     async def embed(self, model_id: str, request: EmbedRequest) -> EmbedResult:
         """Embed the request's inputs.
@@ -85,7 +98,10 @@ class Router:
             ServingError: any failure, already mapped.
         """
         self.spec_for(model_id, "embed")
-        return await self._call(self._unary[model_id].embed.remote(request))
+        watch = timing.dispatch(model_id)
+        result = await self._call(self._unary[model_id].embed.remote(request))
+        watch.result(result)
+        return result
 
     async def stream(self, model_id: str, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         """Stream output chunks as the replica produces them.
@@ -94,6 +110,7 @@ class Router:
             ServingError: any failure, already mapped; raised from the iteration.
         """
         self.spec_for(model_id, "generate")
+        watch = timing.dispatch(model_id)
         response = self._streaming[model_id].generate.remote(request)
         deadline = time.monotonic() + self._timeout_s
         try:
@@ -102,9 +119,53 @@ class Router:
                     chunk = await self._call(anext(response), deadline - time.monotonic())
                 except StopAsyncIteration:
                     return
+                watch.chunk(chunk)
                 yield chunk
+        except ServingError:
+            watch.failed()
+            raise
         finally:
             response.cancel()
+
+    def spec(self, model_id: str) -> ModelSpec:
+        """The spec of `model_id`, whatever its task.
+
+        Raises:
+            ModelNotFoundError: no model has this id.
+        """
+        spec = self._specs.get(model_id)
+        if spec is None:
+            raise ModelNotFoundError(f"The model '{model_id}' does not exist. Served models: {', '.join(self._specs)}")
+        return spec
+
+    async def tokenize(self, model_id: str, request: TokenizeRequest) -> TokenizeResult:
+        """Token ids of a text or chat messages on the model's tokenizer.
+
+        Raises:
+            ServingError: any failure, already mapped.
+        """
+        self.spec(model_id)
+        return await self._call(self._unary[model_id].tokenize.remote(request))
+
+    async def detokenize(self, model_id: str, tokens: tuple[int, ...]) -> str:
+        """The text of token ids on the model's tokenizer.
+
+        Raises:
+            ServingError: any failure, already mapped.
+        """
+        self.spec(model_id)
+        return await self._call(self._unary[model_id].detokenize.remote(tokens))
+
+    async def describe(self, model_id: str) -> dict[str, Any]:
+        """What a replica of the model reports about the loaded model (`max_model_len`), cached once known;
+        empty when no replica answers within the readiness timeout."""
+        if model_id not in self._described:
+            try:
+                info = await asyncio.wait_for(self._unary[model_id].describe.remote(), _READY_TIMEOUT_S)
+            except Exception:  # noqa: BLE001 - a model card without the engine's facts is still a card
+                return {}
+            self._described[model_id] = info
+        return self._described[model_id]
 
     async def readiness(self) -> dict[str, bool]:
         """Per model: whether a replica answers a real request now."""

@@ -18,6 +18,7 @@ __all__ = [
 ]
 
 _MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+_PARSER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _HEADER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,63}$")
 
 
@@ -244,6 +245,15 @@ class ModelSpec(FrozenModel):
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Engine-specific options, passed through and checked by the engine."
     )
+    tool_call_parser: str | None = Field(
+        None,
+        description=(
+            "vllm only: the vLLM tool-call parser that reads tool calls out of this model's output for "
+            "`tool_choice: auto` (e.g. 'hermes', 'llama3_json', 'mistral'; `vllm serve --help` lists them). Its "
+            "chat template must render `tools`. Unset: `auto` is refused; `required` and named tool choices work "
+            "on any model (the output is constrained to the tools' JSON schema)."
+        ),
+    )
 
     @field_validator("id")
     @classmethod
@@ -263,6 +273,13 @@ class ModelSpec(FrozenModel):
                 f"tensor/pipeline parallelism needs engine 'vllm'; the {self.engine} engine runs in one process: "
                 "set parallelism.tensor_parallel_size and pipeline_parallel_size to 1"
             )
+        if self.tool_call_parser is not None and self.engine != "vllm":
+            raise ValueError(
+                f"`tool_call_parser` needs engine 'vllm' (vLLM's parsers read the output); the {self.engine} engine "
+                "has none: remove it"
+            )
+        if self.tool_call_parser is not None and not _PARSER_NAME.match(self.tool_call_parser):
+            raise ValueError("`tool_call_parser` must be a vLLM parser name such as 'hermes' or 'llama3_json'")
         if self.engine == "vllm" and self.task != "generate":
             raise ValueError("the vllm engine serves task 'generate'; serve embeddings with engine 'transformers'")
         if (

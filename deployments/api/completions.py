@@ -8,8 +8,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from deployments.api.errors import to_error_response
-from deployments.api.openai_models import ChatCompletionRequest, CompletionRequest, new_id, usage
+from deployments.api.openai_models import SEED_MAX, SEED_MIN, ChatCompletionRequest, CompletionRequest, new_id, usage
 from deployments.api.sse import DONE, event
+from deployments.api.tools import tool_call_json
 from deployments.engines.protocol import GenerateChunk, GenerateRequest, TokenLogprob
 from deployments.router import Router
 
@@ -27,7 +28,10 @@ def _choices_of(request: GenerateRequest, n: int) -> list[GenerateRequest]:
     for i in range(n):
         sampling = request.sampling
         if sampling.seed is not None:
-            sampling = sampling.model_copy(update={"seed": sampling.seed + i})
+            seed = sampling.seed + i
+            if seed > SEED_MAX:  # wrap around within the 64-bit range
+                seed += SEED_MIN - SEED_MAX - 1
+            sampling = sampling.model_copy(update={"seed": seed})
         out.append(request.model_copy(update={"request_id": f"{request.request_id}-{i}", "sampling": sampling}))
     return out
 
@@ -65,13 +69,29 @@ class Completion:
     """One chat or text completion request, from engine chunks to OpenAI JSON or SSE."""
 
     def __init__(
-        self, router: Router, body: ChatCompletionRequest | CompletionRequest, request: GenerateRequest, *, chat: bool
+        self,
+        router: Router,
+        body: ChatCompletionRequest | CompletionRequest,
+        requests: list[GenerateRequest],
+        *,
+        chat: bool,
+        echo: list[str] | None = None,
     ) -> None:
+        """Args:
+        router: where the choices go.
+        body: the client's request.
+        requests: one engine request per prompt (chat: one); each gets `body.n` choices, indexed prompt by
+            prompt.
+        chat: a chat completion (else a text completion).
+        echo: completions with `echo`: each prompt's text, put before its choices' output.
+        """
         self.router = router
         self.body = body
         self.chat = chat
-        self.requests = _choices_of(request, body.n)
-        self.request_id = request.request_id
+        self.requests = [choice for request in requests for choice in _choices_of(request, body.n)]
+        self.request_id = requests[0].request_id
+        # Per choice: the text that comes before the output (the echoed prompt), sent with the first chunk.
+        self.prefixes = [text for text in echo for _ in range(body.n)] if echo else [""] * len(self.requests)
         self.id = new_id("chatcmpl" if chat else "cmpl")
         self.created = int(time.time())
         #: The replicas that serve the choices, once known (response() or stream() returned), in choice order.
@@ -83,16 +103,18 @@ class Completion:
     def _choice(self, index: int, chunk: GenerateChunk, *, delta: bool, text_offset: int = 0) -> dict[str, Any]:
         choice: dict[str, Any] = {"index": index}
         if self.chat:
+            calls = [tool_call_json(c, delta=delta) for c in chunk.tool_calls or ()]
             if delta:
-                choice["delta"] = {"content": chunk.text}
+                choice["delta"] = {"content": chunk.text} | ({"tool_calls": calls} if calls else {})
             else:
                 choice["message"] = {
                     "role": "assistant",
-                    "content": chunk.text,
+                    "content": None if calls and not chunk.text else chunk.text,
                     "refusal": None,
                     "annotations": None,
                     "audio": None,
                     "function_call": None,
+                    "tool_calls": calls,
                 }
             choice["logprobs"] = _chat_logprobs(chunk.logprobs)
         else:
@@ -119,17 +141,22 @@ class Completion:
         """
         outs = await asyncio.gather(*(self.router.complete(self.body.model, r) for r in self.requests))
         self._served_by(outs)
+        outs = [o.model_copy(update={"text": p + o.text}) if p else o for o, p in zip(outs, self.prefixes, strict=True)]
         return {
             **self._envelope(chunk=False),
             "choices": [self._choice(i, out, delta=False) for i, out in enumerate(outs)],
             "service_tier": None,
             "system_fingerprint": SYSTEM_FINGERPRINT,
             "usage": {
-                **usage(outs[0].prompt_tokens, sum(o.completion_tokens for o in outs)),
+                **usage(self._prompt_tokens(outs), sum(o.completion_tokens for o in outs)),
                 "prompt_tokens_details": None,
                 "completion_tokens_details": None,
             },
         }
+
+    def _prompt_tokens(self, outs: list[GenerateChunk]) -> int:
+        """Every prompt's tokens once (each prompt has `n` choices), as vLLM counts them."""
+        return sum(out.prompt_tokens for out in outs[:: self.body.n])
 
     async def stream(self) -> AsyncIterator[bytes]:
         """Start every choice's stream and wait for its first chunk, then return the SSE body.
@@ -165,6 +192,10 @@ class Completion:
 
         offsets = [0] * len(streams)
         last: list[GenerateChunk | None] = list(firsts)
+        firsts = [
+            c.model_copy(update={"text": p + c.text}) if p and c is not None else c
+            for c, p in zip(firsts, self.prefixes, strict=True)
+        ]
 
         def frame(index: int, chunk: GenerateChunk) -> bytes:
             choice = self._choice(index, chunk, delta=True, text_offset=offsets[index])
@@ -200,7 +231,7 @@ class Completion:
                     yield frame(index, item)
             if self.body.include_usage and all(c is not None for c in last):
                 done = [c for c in last if c is not None]
-                totals = usage(done[0].prompt_tokens, sum(c.completion_tokens for c in done))
+                totals = usage(self._prompt_tokens(done), sum(c.completion_tokens for c in done))
                 yield event({**base, "choices": [], "usage": totals, "system_fingerprint": SYSTEM_FINGERPRINT})
         except Exception as exc:  # noqa: BLE001 - the boundary: a mid-stream failure becomes an error event
             _, error_body = to_error_response(exc, self.request_id)

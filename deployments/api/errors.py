@@ -30,6 +30,9 @@ def validation_message(errors: Sequence[Any]) -> tuple[str, str | None]:
         where = ".".join(loc)
         param = param or (loc[0] if loc else None)
         msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+        if err.get("type") == "extra_forbidden":  # OpenAI's wording for a field it does not know
+            msg = f"Unrecognized request argument supplied: {loc[-1] if loc else where}; this server refuses fields "
+            msg += "it does not implement rather than ignore them"
         if err.get("type") == "json_invalid":
             return "Request body is not valid JSON: " + str(err.get("ctx", {}).get("error", msg)), None
         parts.append(f"{where}: {msg}" if where else msg)

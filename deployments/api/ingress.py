@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import functools
 import hmac
 import logging
 import uuid
@@ -18,7 +20,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from deployments import cpus
+from deployments import cpus, timing
 from deployments.api.completions import Completion
 from deployments.api.errors import to_error_response, validation_message
 from deployments.api.openai_models import (
@@ -30,6 +32,13 @@ from deployments.api.openai_models import (
     ModelCard,
     ModelList,
     usage,
+)
+from deployments.api.tokenize import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    TokenizeResponse,
 )
 from deployments.config import ServingConfig
 from deployments.engines.protocol import EmbedRequest, GenerateRequest
@@ -47,7 +56,7 @@ __all__ = ["REPLICA_HEADER", "OpenAIIngress", "app"]
 
 logger = logging.getLogger(__name__)
 
-_OPEN_PATHS = {"/healthz", "/readyz", "/openapi.json", "/docs"}
+_OPEN_PATHS = {"/healthz", "/health", "/readyz", "/openapi.json", "/docs"}
 # Which Serve replica(s) served a request (comma-separated when `n` choices landed on several): for operators, and
 # for the routing tests.
 REPLICA_HEADER = "x-modelfleet-replica"
@@ -60,6 +69,12 @@ def _request_id(request: Request) -> str:
     # Set for every HTTP request by _LimitsMiddleware, the outermost layer.
     rid: str = request.scope["modelfleet.request_id"]
     return rid
+
+
+@functools.cache
+def _route_paths() -> frozenset[str]:
+    """The app's route templates (known once every route is registered)."""
+    return frozenset(str(getattr(route, "path", "")) for route in app.routes)
 
 
 def _session_key(spec: ModelSpec, request: Request, user: str | None) -> str | None:
@@ -106,6 +121,14 @@ class _LimitsMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        # The metrics of every HTTP request, refused ones included: this is the outermost layer.
+        record = timing.RequestRecord.begin()
+        try:
+            await self._limit(scope, receive, record.wrap(send))
+        finally:
+            record.finish(scope, _route_paths())
+
+    async def _limit(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = dict(scope.get("headers") or [])
         rid = headers.get(b"x-request-id", b"").decode("latin-1") or uuid.uuid4().hex
         scope["modelfleet.request_id"] = rid
@@ -185,7 +208,8 @@ async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONR
     status = exc.status_code
     kind = {401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error"}.get(status)
     body = ErrorResponse(error=ErrorBody(message=str(exc.detail), type=kind or "invalid_request_error", code=status))
-    return JSONResponse(body.model_dump(), status_code=status)
+    # Starlette's own headers: `Allow` on a 405, as HTTP requires.
+    return JSONResponse(body.model_dump(), status_code=status, headers=exc.headers)
 
 
 @app.exception_handler(ServingError)
@@ -224,10 +248,22 @@ class OpenAIIngress:
         ready = all(models.values())
         return JSONResponse({"ready": ready, "models": models}, status_code=200 if ready else 503)
 
+    @app.get("/health")
+    async def health(self) -> Response:
+        """vLLM's probe path: 200 with no body while the router answers."""
+        return Response(status_code=200)
+
+    async def _card(self, spec: ModelSpec) -> ModelCard:
+        info = await self.router.describe(spec.id)
+        root = str(spec.source) if spec.source else spec.id
+        return ModelCard(
+            id=spec.id, task=spec.task, engine=spec.engine, root=root, max_model_len=info.get("max_model_len")
+        )
+
     @app.get("/v1/models", response_model=ModelList)
     async def list_models(self) -> ModelList:
         """The served models."""
-        return ModelList(data=[ModelCard(id=s.id, task=s.task, engine=s.engine) for s in self.router.specs])
+        return ModelList(data=list(await asyncio.gather(*(self._card(s) for s in self.router.specs))))
 
     @app.get("/v1/models/{model_id:path}", response_model=ModelCard)
     async def get_model(self, model_id: str) -> ModelCard:
@@ -235,7 +271,25 @@ class OpenAIIngress:
         spec = next((s for s in self.router.specs if s.id == model_id), None)
         if spec is None:
             raise ModelNotFoundError(f"The model '{model_id}' does not exist")
-        return ModelCard(id=spec.id, task=spec.task, engine=spec.engine)
+        return await self._card(spec)
+
+    @app.post("/tokenize", response_model=TokenizeResponse)
+    async def tokenize(self, body: TokenizeCompletionRequest | TokenizeChatRequest, request: Request) -> JSONResponse:
+        """Token ids of a prompt or of chat messages, as generation sees them (vLLM's endpoint)."""
+        result = await self.router.tokenize(body.model, body.internal(_request_id(request)))
+        payload = TokenizeResponse(
+            count=len(result.tokens),
+            max_model_len=result.max_model_len,
+            tokens=list(result.tokens),
+            token_strs=list(result.token_strs) if result.token_strs is not None else None,
+        )
+        return JSONResponse(payload.model_dump())
+
+    @app.post("/detokenize", response_model=DetokenizeResponse)
+    async def detokenize(self, body: DetokenizeRequest) -> JSONResponse:
+        """The text of token ids (vLLM's endpoint)."""
+        text = await self.router.detokenize(body.model, tuple(body.tokens))
+        return JSONResponse(DetokenizeResponse(prompt=text).model_dump())
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
@@ -246,20 +300,31 @@ class OpenAIIngress:
             messages=body.chat_messages(),
             sampling=body.sampling(spec.max_output_tokens),
             routing_key=_session_key(spec, request, body.user),
+            **body.tool_fields(),
         )
-        return await self._generate(body, gen, chat=True)
+        return await self._generate(body, [gen], chat=True)
 
     @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
-        """Text completion, streamed as SSE when `stream` is true."""
+        """Text completion, streamed as SSE when `stream` is true; one set of `n` choices per prompt."""
         spec = self.router.spec_for(body.model, "generate")
-        gen = GenerateRequest(
-            request_id=_request_id(request),
-            prompt=body.text,
-            sampling=body.sampling(),
-            routing_key=_session_key(spec, request, body.user),
-        )
-        return await self._generate(body, gen, chat=False)
+        rid = _request_id(request)
+        prompts = body.prompts
+        gens = []
+        for i, prompt in enumerate(prompts):
+            fields: dict[str, Any] = {"prompt": prompt} if isinstance(prompt, str) else {"prompt_token_ids": prompt}
+            gens.append(
+                GenerateRequest(
+                    request_id=rid if len(prompts) == 1 else f"{rid}-p{i}",
+                    sampling=body.sampling(),
+                    routing_key=_session_key(spec, request, body.user),
+                    **fields,
+                )
+            )
+        echo = None
+        if body.echo:
+            echo = [p if isinstance(p, str) else await self.router.detokenize(body.model, tuple(p)) for p in prompts]
+        return await self._generate(body, gens, chat=False, echo=echo)
 
     @app.post("/v1/embeddings")
     async def embeddings(self, body: EmbeddingRequest, request: Request) -> JSONResponse:
@@ -284,9 +349,14 @@ class OpenAIIngress:
         return JSONResponse(payload, headers=_replica_header([result.replica] if result.replica else []))
 
     async def _generate(
-        self, body: ChatCompletionRequest | CompletionRequest, gen: GenerateRequest, *, chat: bool
+        self,
+        body: ChatCompletionRequest | CompletionRequest,
+        gens: list[GenerateRequest],
+        *,
+        chat: bool,
+        echo: list[str] | None = None,
     ) -> Response:
-        completion = Completion(self.router, body, gen, chat=chat)
+        completion = Completion(self.router, body, gens, chat=chat, echo=echo)
         if not body.stream:
             payload = await completion.response()
             return JSONResponse(payload, headers=_replica_header(completion.replicas))

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from deployments.engines.protocol import ChatMessage, SamplingConfig
+from deployments.api.structured import ResponseFormat, StructuredOutputs, structured_output
+from deployments.api.tools import MessageToolCall, NamedToolChoice, ToolDefinition
+from deployments.api.wire import WireRequest
+from deployments.engines.protocol import ChatMessage, SamplingConfig, StructuredOutput, ToolFunction
 
 __all__ = [
     "ChatCompletionRequest",
@@ -18,6 +21,7 @@ __all__ = [
     "ErrorResponse",
     "ModelCard",
     "ModelList",
+    "ModelPermission",
     "new_id",
 ]
 
@@ -27,9 +31,12 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-class _Request(BaseModel):
-    # Clients send fields we do not model (logit_bias, metadata, ...): ignore them, as OpenAI's own API does.
-    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+_Request = WireRequest
+# Seeds are 64-bit signed integers, as in vLLM's server (torch's generator takes no more).
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+_Stop = Annotated[str, Field(min_length=1, description="A stop sequence (not empty).")]
+_TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
+_Bias = Annotated[float, Field(ge=-100.0, le=100.0)]
 
 
 class _Response(BaseModel):
@@ -44,12 +51,26 @@ class _TextPart(_Request):
 class _Message(_Request):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[_TextPart] | None = None
+    name: str | None = Field(None, description="The participant's name; passed to the chat template.")
+    tool_calls: list[MessageToolCall] | None = Field(None, description="assistant turns: the calls the model made.")
+    tool_call_id: str | None = Field(None, description="tool turns: the call this result answers.")
+    # What an SDK sends back when a client appends a response's message to the history: accepted when empty.
+    refusal: None = None
+    annotations: None = None
+    audio: None = None
+    function_call: None = None
 
     def flat(self) -> ChatMessage:
         content = self.content
         if isinstance(content, list):
             content = "".join(part.text for part in content)
-        return ChatMessage(role=self.role, content=content or "")
+        return ChatMessage(
+            role=self.role,
+            content=content or "",
+            name=self.name,
+            tool_calls=tuple(c.internal() for c in self.tool_calls or ()),
+            tool_call_id=self.tool_call_id,
+        )
 
 
 class _StreamOptions(_Request):
@@ -61,20 +82,31 @@ class _SamplingFields(_Request):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=16, description="How many choices to generate (each one is its own request).")
-    stop: str | list[str] | None = Field(None, description="Up to 4 sequences where generation stops.")
-    seed: int | None = None
+    stop: _Stop | list[_Stop] | None = Field(None, max_length=4, description="Up to 4 sequences where output stops.")
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX, description="A 64-bit seed for reproducible sampling.")
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     stream: bool = False
     stream_options: _StreamOptions | None = None
     user: str | None = Field(None, description="The end user; a model with routing policy 'session' keys on it.")
-
-    @field_validator("stop")
-    @classmethod
-    def _stop_limit(cls, value: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(value, list) and len(value) > 4:
-            raise ValueError("at most 4 stop sequences are allowed")
-        return value
+    logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,10}$")], _Bias] | None = Field(
+        None, description="Token id (as a string) -> bias from -100 to 100 added to its logit."
+    )
+    response_format: ResponseFormat | None = Field(
+        None, description="'json_object' or 'json_schema' constrain the output (wins over structured_outputs)."
+    )
+    # vLLM's extensions to the OpenAI API.
+    structured_outputs: StructuredOutputs | None = Field(
+        None, description="vLLM: one constraint on the output: json (a schema), json_object, regex, choice, grammar."
+    )
+    top_k: int = Field(0, ge=-1, description="vLLM: sample among the k most likely tokens; 0 or -1: all.")
+    min_p: float = Field(0.0, ge=0.0, le=1.0, description="vLLM: drop tokens below min_p x the top probability.")
+    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0, description="vLLM: above 1 discourages repetition.")
+    min_tokens: int = Field(
+        0, ge=0, description="vLLM: tokens generated before EOS or a stop may end the output (at most max_tokens)."
+    )
+    ignore_eos: bool = Field(False, description="vLLM: keep generating past the end-of-sequence token.")
+    skip_special_tokens: bool = Field(True, description="vLLM: leave special tokens out of the text.")
 
     def _sampling(self, max_tokens: int, logprobs: int | None) -> SamplingConfig:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
@@ -87,7 +119,19 @@ class _SamplingFields(_Request):
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
             logprobs=logprobs,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty,
+            min_tokens=min(self.min_tokens, max_tokens),
+            ignore_eos=self.ignore_eos,
+            skip_special_tokens=self.skip_special_tokens,
+            logit_bias=tuple((int(k), v) for k, v in (self.logit_bias or {}).items()),
+            structured=self.structured(),
         )
+
+    def structured(self) -> StructuredOutput | None:
+        """The constraint on the output, if any."""
+        return structured_output(self.response_format, self.structured_outputs)
 
     @property
     def include_usage(self) -> bool:
@@ -102,13 +146,34 @@ class ChatCompletionRequest(_SamplingFields):
     max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate (default: the model's limit).")
     max_completion_tokens: int | None = Field(None, ge=1, description="Alias of max_tokens (newer clients).")
     logprobs: bool = Field(False, description="Return the log probability of each output token.")
-    top_logprobs: int | None = Field(None, ge=0, le=20, description="Alternatives per token (needs logprobs).")
+    top_logprobs: int | None = Field(
+        None, ge=0, le=20, description="Alternatives per token; above 0 it turns logprobs on by itself."
+    )
+    tools: list[ToolDefinition] | None = Field(None, min_length=1, description="Functions the model may call.")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None,
+        description=(
+            "'none', 'auto' (the default with tools; needs the model's tool_call_parser), 'required' or a named "
+            "function. 'required' and named calls constrain the output to the tools' schemas (any model on vllm)."
+        ),
+    )
+    parallel_tool_calls: bool | None = Field(None, description="tool_choice 'required': allow more than one call.")
+    # Fields that only describe the request: accepted, not acted on.
+    metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = Field(
+        None, max_length=16, description="Describes the request (recorded nowhere yet)."
+    )
+    store: Literal[False] | None = Field(None, description="Completions are never stored: only false is accepted.")
+    service_tier: Literal["auto", "default"] | None = Field(None, description="One tier is served: auto or default.")
+    safety_identifier: str | None = Field(None, max_length=64, description="Describes the end user (not acted on).")
 
-    @field_validator("top_logprobs")
+    @field_validator("tool_choice")
     @classmethod
-    def _top_needs_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
-        if value and not info.data.get("logprobs"):
-            raise ValueError("top_logprobs needs logprobs: true")
+    def _tool_choice_fits(cls, value: object, info: ValidationInfo) -> object:
+        tools: list[ToolDefinition] = info.data.get("tools") or []
+        if value not in (None, "none") and not tools:
+            raise ValueError("tool_choice needs tools: send the functions in `tools`, or set tool_choice to 'none'")
+        if isinstance(value, NamedToolChoice) and value.function.name not in {t.function.name for t in tools}:
+            raise ValueError(f"tool_choice names function '{value.function.name}', which is not in `tools`")
         return value
 
     def chat_messages(self) -> tuple[ChatMessage, ...]:
@@ -117,28 +182,69 @@ class ChatCompletionRequest(_SamplingFields):
 
     def sampling(self, default_max_tokens: int) -> SamplingConfig:
         """Engine sampling settings; `default_max_tokens` applies when the client sets no limit."""
-        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        logprobs = (self.top_logprobs or 0) if self.logprobs or self.top_logprobs else None
         return self._sampling(self.max_completion_tokens or self.max_tokens or default_max_tokens, logprobs)
+
+    def tool_fields(self) -> dict[str, Any]:
+        """The GenerateRequest fields of tool calling: tools, tool_choice, tool_name, parallel_tool_calls."""
+        tools: tuple[ToolFunction, ...] = tuple(t.function.internal() for t in self.tools or ())
+        choice = self.tool_choice if self.tool_choice is not None else ("auto" if tools else "none")
+        fields: dict[str, Any] = {"tools": tools, "parallel_tool_calls": self.parallel_tool_calls is not False}
+        if isinstance(choice, NamedToolChoice):
+            return fields | {"tool_choice": "function", "tool_name": choice.function.name}
+        return fields | {"tool_choice": choice}
 
 
 class CompletionRequest(_SamplingFields):
     """Body of POST /v1/completions."""
 
-    prompt: str | list[str] = Field(description="The prompt (a list must hold exactly one string).")
+    prompt: (
+        Annotated[str, Field(min_length=1)]
+        | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=64)]
+        | Annotated[list[_TokenId], Field(min_length=1)]
+        | Annotated[list[Annotated[list[_TokenId], Field(min_length=1)]], Field(min_length=1, max_length=64)]
+    ) = Field(
+        description=(
+            "A text, a list of texts, token ids, or a list of token-id lists. Each prompt gets `n` choices, "
+            "indexed prompt by prompt (choice index = prompt index x n + i)."
+        )
+    )
     max_tokens: int = Field(16, ge=1, description="Most tokens to generate.")
     logprobs: int | None = Field(None, ge=0, le=20, description="Log probabilities of the top k tokens.")
+    echo: bool = Field(False, description="Put the prompt before the output in each choice's text.")
+    suffix: None = Field(None, description="Not supported (no fill-in-the-middle): leave it unset or null.")
+    best_of: int | None = Field(None, ge=1, le=16, description="Accepted when it equals n (or 1 with n = 1).")
 
-    @field_validator("prompt")
+    @field_validator("suffix", mode="before")
     @classmethod
-    def _one_prompt(cls, value: str | list[str]) -> str | list[str]:
-        if isinstance(value, list) and len(value) != 1:
-            raise ValueError("only one prompt per request is supported: send a string or a list of one string")
+    def _no_suffix(cls, value: object) -> None:
+        if value is not None:
+            raise ValueError("suffix is not supported: no served model does fill-in-the-middle; leave it unset")
+        return None
+
+    @field_validator("echo")
+    @classmethod
+    def _echo_without_logprobs(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and info.data.get("logprobs") is not None:
+            raise ValueError("echo with logprobs (the prompt's logprobs) is not supported: drop one of them")
+        return value
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_is_n(cls, value: int | None, info: ValidationInfo) -> int | None:
+        n = info.data.get("n", 1)
+        if value is not None and value != n:
+            raise ValueError(f"best_of must equal n ({n}): choosing the best of more choices is not supported")
         return value
 
     @property
-    def text(self) -> str:
-        """The single prompt string."""
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+    def prompts(self) -> list[str] | list[list[int]]:
+        """The prompts, one entry each: texts, or token-id lists."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if self.prompt and isinstance(self.prompt[0], int):
+            return [self.prompt]
+        return cast("list[str] | list[list[int]]", self.prompt)
 
     def sampling(self) -> SamplingConfig:
         """Engine sampling settings."""
@@ -167,8 +273,25 @@ class EmbeddingRequest(_Request):
         return (self.input,) if isinstance(self.input, str) else tuple(self.input)
 
 
+class ModelPermission(_Response):
+    """vLLM's (and OpenAI's legacy) permission entry of a model card: serving allowed, training not."""
+
+    id: str = Field(default_factory=lambda: new_id("modelperm"))
+    object: Literal["model_permission"] = "model_permission"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    allow_create_engine: bool = False
+    allow_sampling: bool = True
+    allow_logprobs: bool = True
+    allow_search_indices: bool = False
+    allow_view: bool = True
+    allow_fine_tuning: bool = False
+    organization: str = "*"
+    group: str | None = None
+    is_blocking: bool = False
+
+
 class ModelCard(_Response):
-    """One entry of GET /v1/models."""
+    """One entry of GET /v1/models, with vLLM's fields."""
 
     id: str
     object: Literal["model"] = "model"
@@ -176,6 +299,10 @@ class ModelCard(_Response):
     owned_by: str = "modelfleet"
     task: str
     engine: str
+    root: str | None = Field(None, description="Where the weights come from (the model's source).")
+    parent: str | None = Field(None, description="The base model of an adapter; none here.")
+    max_model_len: int | None = Field(None, description="Most tokens (prompt + output) per request.")
+    permission: list[ModelPermission] = Field(default_factory=lambda: [ModelPermission()])
 
 
 class ModelList(_Response):

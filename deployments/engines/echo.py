@@ -59,6 +59,13 @@ class EchoEngine(Engine, EmbeddingEngine):
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         if self.spec.task != "generate":
             raise InvalidRequestError(f"model '{self.spec.id}' serves embeddings, not text generation", param="model")
+        if request.tool_choice != "none":
+            raise InvalidRequestError(
+                f"tool_choice '{request.tool_choice}' is not supported by the echo engine: set it to 'none'",
+                param="tool_choice",
+            )
+        if request.prompt_token_ids is not None:
+            raise InvalidRequestError("the echo engine has no tokenizer: send the prompt as text", param="prompt")
         if request.messages is not None:
             prompt_words = [w for m in request.messages for w in m.content.split()]
             source = request.messages[-1].content.split()
@@ -68,7 +75,7 @@ class EchoEngine(Engine, EmbeddingEngine):
             source = prompt_words
             param = "prompt"
         sampling = request.sampling
-        require_basic_sampling(sampling, "echo")
+        require_basic_sampling(sampling, "echo", ("skip_special_tokens",))
         check_output_budget(self.spec, sampling)
         check_context(self.context_length, len(prompt_words), sampling, param)
         failing = bool(self._fail_marker) and self._fail_marker in " ".join(source)

@@ -9,7 +9,6 @@ import asyncio
 import inspect
 import logging
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import jinja2
@@ -19,17 +18,20 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, Dynamic
 
 from deployments import cpus
 from deployments.engines.batching import BatchStats, BatchWorker, WorkItem
+from deployments.engines.decoding import GenerateJob, Sequence, sample
 from deployments.engines.protocol import (
     EmbeddingEngine,
     EmbedRequest,
     EmbedResult,
     Engine,
-    FinishReason,
     GenerateChunk,
     GenerateRequest,
-    SamplingConfig,
+    TokenizeRequest,
+    TokenizeResult,
+    TokenizingEngine,
     check_context,
     check_output_budget,
+    check_token_ids,
     require_basic_sampling,
 )
 from deployments.errors import EngineDeadError, EngineStartError, InvalidRequestError
@@ -43,17 +45,21 @@ logger = logging.getLogger(__name__)
 _ALLOWED_KWARGS = ("num_threads", "pooling")
 _POOLING = ("mean", "cls")
 _SHUTDOWN_TIMEOUT_S = 10.0
-_GREEDY_BELOW = 1e-5  # temperatures this small would overflow the logits: treat them as greedy
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The SamplingConfig options beyond temperature/top_p/stop/seed that this engine implements (cheap per-row logit
+# edits); the rest (penalties, logprobs, structured outputs) are refused by name.
+_SUPPORTED = (
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "min_tokens",
+    "ignore_eos",
+    "skip_special_tokens",
+    "logit_bias",
+)
 
 
-@dataclass(frozen=True)
-class _GenerateJob:
-    prompt_ids: list[int]
-    sampling: SamplingConfig
-
-
-class TransformersEngine(Engine, EmbeddingEngine):
+class TransformersEngine(Engine, EmbeddingEngine, TokenizingEngine):
     """Runs a causal LM (`task='generate'`) or an encoder (`task='embed'`) from `spec.source`.
 
     Concurrent requests are grouped into batches of up to `spec.batching.max_batch_size` on one worker
@@ -75,6 +81,7 @@ class TransformersEngine(Engine, EmbeddingEngine):
         self._pad_id = 0
         self._pooling = "mean"
         self._logits_to_keep = False
+        self._vocab_size = 0
 
     @property
     def stats(self) -> BatchStats:
@@ -155,7 +162,7 @@ class TransformersEngine(Engine, EmbeddingEngine):
         worker = self._running_worker()
         loop = asyncio.get_running_loop()
         results: asyncio.Queue[object] = asyncio.Queue()
-        item: WorkItem[_GenerateJob] = WorkItem(job, loop, results.put_nowait)
+        item: WorkItem[GenerateJob] = WorkItem(job, loop, results.put_nowait)
         worker.submit(item)
         try:
             while True:
@@ -253,6 +260,7 @@ class TransformersEngine(Engine, EmbeddingEngine):
             value = getattr(source, "eos_token_id", None)
             eos.update([value] if isinstance(value, int) else (value or []))
         self._eos_ids = frozenset(eos)
+        self._vocab_size = int(self._model.get_input_embeddings().num_embeddings)
         pad = self._tokenizer.pad_token_id
         self._pad_id = pad if pad is not None else min(eos, default=0)
 
@@ -273,26 +281,27 @@ class TransformersEngine(Engine, EmbeddingEngine):
 
     # -- validation (event loop, before any batch) --------------------------------------------------
 
-    def _prepare_generate(self, request: GenerateRequest) -> _GenerateJob:
+    def _prepare_generate(self, request: GenerateRequest) -> GenerateJob:
         if self.spec.task != "generate":
             raise InvalidRequestError(f"model '{self.spec.id}' serves embeddings and cannot generate", param="model")
         self._running_worker()
         sampling = request.sampling
-        require_basic_sampling(sampling, "transformers")
+        require_basic_sampling(sampling, "transformers", _SUPPORTED)
+        if request.tool_choice != "none":
+            raise InvalidRequestError(
+                f"tool_choice '{request.tool_choice}' is not supported by the transformers engine (tool calls need "
+                "constrained decoding or a tool-call parser): set tool_choice to 'none' or serve the model on vllm",
+                param="tool_choice",
+            )
         check_output_budget(self.spec, sampling)
+        check_token_ids((token for token, _ in sampling.logit_bias), self._vocab_size, "logit_bias")
         if request.messages is not None:
             param = "messages"
-            if not self._tokenizer.chat_template:
-                raise InvalidRequestError(
-                    f"model '{self.spec.id}' has no chat template; use the completions endpoint", param="messages"
-                )
-            turns = [message.model_dump() for message in request.messages]
-            try:
-                ids = self._tokenizer.apply_chat_template(
-                    turns, add_generation_prompt=True, tokenize=True, return_dict=False
-                )
-            except jinja2.TemplateError as exc:
-                raise InvalidRequestError(f"the chat template rejected the messages: {exc}", param="messages") from exc
+            ids = self._render_chat(request.messages, request.tools, add_generation_prompt=True)
+        elif request.prompt_token_ids is not None:
+            param = "prompt"
+            ids = list(request.prompt_token_ids)
+            check_token_ids(ids, self._vocab_size, param)
         else:
             param = "prompt"
             ids = self._tokenizer.encode(request.prompt)
@@ -300,7 +309,47 @@ class TransformersEngine(Engine, EmbeddingEngine):
         if not ids:
             raise InvalidRequestError("the prompt is empty", param=param)
         check_context(self._context_length, len(ids), sampling, param)
-        return _GenerateJob(ids, sampling)
+        return GenerateJob(ids, sampling)
+
+    def _render_chat(
+        self, messages: tuple[Any, ...], tools: tuple[Any, ...], *, add_generation_prompt: bool
+    ) -> list[int]:
+        if not self._tokenizer.chat_template:
+            raise InvalidRequestError(
+                f"model '{self.spec.id}' has no chat template; use the completions endpoint", param="messages"
+            )
+        turns = [message.template_dict() for message in messages]
+        extra = {"tools": [tool.template_dict() for tool in tools]} if tools else {}
+        try:
+            ids = self._tokenizer.apply_chat_template(
+                turns, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False, **extra
+            )
+        except (jinja2.TemplateError, TypeError) as exc:  # TypeError: the template joins text with a missing field
+            raise InvalidRequestError(f"the chat template rejected the messages: {exc}", param="messages") from exc
+        return list(ids)
+
+    async def tokenize(self, request: TokenizeRequest) -> TokenizeResult:
+        """Token ids of a prompt or chat messages, as `generate` would see them; see `TokenizingEngine`.
+
+        Raises:
+            InvalidRequestError: no chat template, or the template rejects the messages.
+        """
+        if request.messages is not None:
+            generation_prompt = request.add_generation_prompt
+            ids = self._render_chat(request.messages, request.tools, add_generation_prompt=generation_prompt)
+        else:
+            ids = list(self._tokenizer.encode(request.prompt, add_special_tokens=request.add_special_tokens))
+        strs = tuple(self._tokenizer.convert_ids_to_tokens(ids)) if request.return_token_strs else None
+        return TokenizeResult(tokens=tuple(ids), token_strs=strs, max_model_len=self._context_length)
+
+    async def detokenize(self, tokens: tuple[int, ...]) -> str:
+        """The text of token ids; see `TokenizingEngine`.
+
+        Raises:
+            InvalidRequestError: an id is outside the vocabulary.
+        """
+        check_token_ids(tokens, self._vocab_size, "tokens")
+        return str(self._tokenizer.decode(list(tokens)))
 
     def _running_worker(self) -> BatchWorker[Any]:
         if self._worker is None or not self._worker.is_alive():
@@ -310,8 +359,8 @@ class TransformersEngine(Engine, EmbeddingEngine):
     # -- worker thread -------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def _generate_batch(self, items: list[WorkItem[_GenerateJob]]) -> None:
-        sequences = [_Sequence(item, self._decoder, self._eos_ids, self._device) for item in items]
+    def _generate_batch(self, items: list[WorkItem[GenerateJob]]) -> None:
+        sequences = [Sequence(item, self._decoder, self._eos_ids, self._device) for item in items]
         prompts = [item.payload.prompt_ids for item in items]
         width = max(map(len, prompts))
         ids = torch.full((len(prompts), width), self._pad_id, dtype=torch.long)
@@ -328,7 +377,7 @@ class TransformersEngine(Engine, EmbeddingEngine):
         ).logits[:, -1, :]
         next_position = positions[:, -1:] + 1
         while True:
-            tokens = _sample(logits, sequences)
+            tokens = sample(logits, sequences)
             keep = [
                 row
                 for row, (seq, token) in enumerate(zip(sequences, tokens.tolist(), strict=True))
@@ -370,83 +419,6 @@ class TransformersEngine(Engine, EmbeddingEngine):
             vectors = F.normalize(vectors, p=2.0, dim=-1)
         for item, vector in zip(items, vectors.cpu().tolist(), strict=True):
             item.send(tuple(vector), final=True)
-
-
-class _Sequence:
-    """One request's decoding state inside a batch: its tokens, the text already sent, its stop strings."""
-
-    def __init__(self, item: WorkItem[_GenerateJob], decoder: Any, eos_ids: frozenset[int], device: torch.device):
-        self.item = item
-        self.sampling = item.payload.sampling
-        self.generator: torch.Generator | None = None
-        if self.sampling.temperature >= _GREEDY_BELOW:
-            self.generator = torch.Generator(device=device)
-            if self.sampling.seed is None:
-                self.generator.seed()
-            else:
-                self.generator.manual_seed(self.sampling.seed)
-        self._decoder = decoder
-        self._eos_ids = eos_ids
-        self._prompt_tokens = len(item.payload.prompt_ids)
-        self._ids: list[int] = []  # generated ids that make text (EOS excluded)
-        self._count = 0
-        self._sent = 0  # characters of text already sent
-
-    def push(self, token: int) -> bool:
-        """Add one generated token and send the text that became final; True once the sequence is done."""
-        self._count += 1
-        finish: FinishReason | None = None
-        if token in self._eos_ids:
-            finish = "stop"
-        else:
-            self._ids.append(token)
-            if self._count >= self.sampling.max_tokens:
-                finish = "length"
-        # Decoding the whole list (not just the new token) keeps multi-token characters and spacing right.
-        text = self._decoder.decode(self._ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        end = len(text)
-        stop_at = _find_stop(text, self.sampling.stop, self._sent)
-        if stop_at is not None:
-            end, finish = max(stop_at, self._sent), "stop"
-        elif finish is None:
-            end -= _partial_stop(text, self.sampling.stop)  # might become a stop string: hold it back
-            if text[:end].endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next bytes
-                end = len(text[:end].rstrip("\ufffd"))
-        delta = text[self._sent : end] if end > self._sent else ""
-        self._sent = max(self._sent, end)
-        if delta or finish is not None:
-            chunk = GenerateChunk(
-                text=delta, prompt_tokens=self._prompt_tokens, completion_tokens=self._count, finish_reason=finish
-            )
-            self.item.send(chunk, final=finish is not None)
-        return finish is not None
-
-
-def _find_stop(text: str, stops: tuple[str, ...], sent: int) -> int | None:
-    """Index of the earliest stop string in the unsent part of `text` (with overlap), or None."""
-    hits = [i for s in stops if s and (i := text.find(s, max(0, sent - len(s) + 1))) >= 0]
-    return min(hits, default=None)
-
-
-def _partial_stop(text: str, stops: tuple[str, ...]) -> int:
-    """Length of the longest tail of `text` that is a proper prefix of a stop string."""
-    return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-
-
-def _sample(logits: torch.Tensor, sequences: list[_Sequence]) -> torch.Tensor:
-    """Pick one token per row: greedy at temperature 0, else temperature + top-p with the row's generator."""
-    logits = logits.float()
-    tokens = logits.argmax(dim=-1)
-    for row, seq in enumerate(sequences):
-        if seq.generator is None:
-            continue
-        probs = torch.softmax(logits[row] / seq.sampling.temperature, dim=-1)
-        if seq.sampling.top_p < 1.0:
-            sorted_probs, order = probs.sort(descending=True)
-            outside = sorted_probs.cumsum(0) - sorted_probs >= seq.sampling.top_p  # the top token always stays
-            probs = torch.zeros_like(probs).scatter(0, order, sorted_probs.masked_fill(outside, 0.0))
-        tokens[row] = torch.multinomial(probs, 1, generator=seq.generator)[0]
-    return tokens
 
 
 def _settle(future: asyncio.Future[Any]) -> Callable[[object], None]:

@@ -22,10 +22,16 @@ from deployments.engines.protocol import (
     GenerateChunk,
     GenerateRequest,
     SamplingConfig,
+    TokenizeRequest,
+    TokenizeResult,
+    TokenizingEngine,
     TokenLogprob,
+    ToolCallDelta,
     check_context,
     check_output_budget,
+    check_token_ids,
 )
+from deployments.engines.vllm_tools import ToolCallReader, load_parser
 from deployments.errors import EngineDeadError, EngineError, EngineStartError, InvalidRequestError
 from deployments.plan import VLLM_OWN_KWARGS, EnginePlan
 from models.spec import ModelSpec
@@ -39,7 +45,7 @@ _SHUTDOWN_TIMEOUT_S = 10.0
 _FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "repetition": "stop"}
 
 
-class VLLMEngine(Engine):
+class VLLMEngine(Engine, TokenizingEngine):
     """Runs `spec.source` on vLLM's AsyncLLM: continuous batching, paged KV cache, one engine-core process.
 
     `engine_kwargs` go to `vllm.AsyncEngineArgs` (e.g. `max_num_seqs`, `enable_prefix_caching`,
@@ -61,6 +67,7 @@ class VLLMEngine(Engine):
         self._llm: Any = None  # vllm.v1.engine.async_llm.AsyncLLM once started
         self._tokenizer: Any = None
         self._context_length = 0
+        self._parser_cls: Any = None  # vLLM's Parser class for `tool_call_parser`, once started
         self._ids = itertools.count()
         self._processes: list[Any] = []  # psutil.Process of the engine-core tree this engine spawned
         self._shm: set[str] = set()  # /dev/shm files those processes mapped
@@ -134,7 +141,10 @@ class VLLMEngine(Engine):
 
         llm = self._running()
         ids = await self._prompt_ids(request)
-        params = self._sampling_params(request.sampling)
+        reader = None
+        if request.tool_choice != "none":
+            reader = ToolCallReader(request, self.spec.id, self._parser_cls, self._tokenizer, llm.model_config)
+        params = self._sampling_params(request.sampling, reader)
         # vLLM needs ids unique among in-flight requests; a client may reuse its own.
         request_id = f"{request.request_id}-{next(self._ids)}"
         stream = llm.generate(TokensPrompt(prompt_token_ids=ids), params, request_id)
@@ -147,14 +157,19 @@ class VLLMEngine(Engine):
                 if want_logprobs:
                     pending.extend(self._logprobs(out, request.sampling.logprobs or 0))
                 finish = _finish_reason(out.finish_reason, request_id) if output.finished else None
-                if not out.text and finish is None:
+                text, calls = out.text, tuple[ToolCallDelta, ...]()
+                if reader is not None:
+                    text, calls = reader.feed(out.text, list(out.token_ids), ids, finished=finish is not None)
+                    finish = reader.finish_reason(finish) if finish is not None else None
+                if not text and not calls and finish is None:
                     continue  # e.g. text held back while it may still become a stop string
                 yield GenerateChunk(
-                    text=out.text,
+                    text=text,
                     prompt_tokens=len(ids),
                     completion_tokens=count,
                     finish_reason=finish,
                     logprobs=tuple(pending) if want_logprobs else None,
+                    tool_calls=calls or None,
                 )
                 pending = []
                 if finish is not None:
@@ -163,7 +178,9 @@ class VLLMEngine(Engine):
         except VLLMEngineDeadError as exc:
             raise EngineDeadError(f"the vLLM engine for model '{self.spec.id}' died") from exc
         except VLLMClientError as exc:
-            raise InvalidRequestError(f"vLLM rejected the request: {exc}") from exc
+            structured = request.sampling.structured
+            param = getattr(exc, "parameter", None) or (structured.param if structured is not None else None)
+            raise InvalidRequestError(f"vLLM rejected the request: {exc}", param=param) from exc
         except (EngineError, InvalidRequestError):
             raise
         except Exception as exc:  # vLLM's failure becomes one typed error, logged here once
@@ -183,10 +200,12 @@ class VLLMEngine(Engine):
         try:
             from vllm.v1.engine.async_llm import AsyncLLM
 
+            from deployments.metrics import vllm_stat_loggers  # lazy: Ray's metrics, only inside a replica
+
             before = {p.pid for p in psutil.Process().children(recursive=True)}
             # No local name for the engine: the first vLLM import keeps this frame alive, and a local here
             # would keep the engine alive past shutdown (its __del__ then fails at interpreter exit).
-            self._llm = AsyncLLM.from_engine_args(args)
+            self._llm = AsyncLLM.from_engine_args(args, stat_loggers=vllm_stat_loggers())
         except Exception as exc:  # any loader failure becomes one typed error
             raise EngineStartError(
                 f"cannot start vLLM for model '{self.spec.id}' from '{self.spec.source}': "
@@ -195,6 +214,7 @@ class VLLMEngine(Engine):
         self._track_processes(before)
         self._tokenizer = self._llm.get_tokenizer()
         self._context_length = int(self._llm.model_config.max_model_len)
+        self._parser_cls = load_parser(self.spec.tool_call_parser, self.spec.id, self._tokenizer)
 
     def _engine_args(self) -> Any:
         """AsyncEngineArgs from the plan's keywords (`deployments.plan`), checked against the installed vLLM, with
@@ -233,8 +253,14 @@ class VLLMEngine(Engine):
         # Vendor quirk: settings the CPU build reads only from the environment, in the engine-core process it
         # spawns, which inherits ours. One engine per replica.
         os.environ.update(self.plan.env)
+        kwargs = {**self.plan.kwargs, "model": path, "tokenizer": path}
         try:
-            return AsyncEngineArgs(**{**self.plan.kwargs, "model": path, "tokenizer": path})
+            if isinstance(kwargs.get("structured_outputs_config"), dict):
+                # Vendor quirk: AsyncEngineArgs turns some config dicts into their classes, not this one.
+                from vllm.config import StructuredOutputsConfig
+
+                kwargs["structured_outputs_config"] = StructuredOutputsConfig(**kwargs["structured_outputs_config"])
+            return AsyncEngineArgs(**kwargs)
         except Exception as exc:  # bad values become one typed error
             raise EngineStartError(f"invalid vLLM engine arguments: {type(exc).__name__}: {exc}") from exc
 
@@ -278,8 +304,12 @@ class VLLMEngine(Engine):
         sampling = request.sampling
         check_output_budget(self.spec, sampling)
         param = "messages" if request.messages is not None else "prompt"
+        check_token_ids((token for token, _ in sampling.logit_bias), self._vocab_size, "logit_bias")
         size = len(request.prompt or "") + sum(len(m.content) for m in request.messages or ())
-        if size > _INLINE_RENDER_CHARS:
+        if request.prompt_token_ids is not None:
+            ids = list(request.prompt_token_ids)
+            check_token_ids(ids, self._vocab_size, param)
+        elif size > _INLINE_RENDER_CHARS:
             ids = await asyncio.to_thread(self._render, request)  # vLLM's tokenizer is thread-safe
         else:
             ids = self._render(request)
@@ -288,41 +318,98 @@ class VLLMEngine(Engine):
         check_context(self._context_length, len(ids), sampling, param)
         return ids
 
+    @property
+    def _vocab_size(self) -> int:
+        """Token ids the model takes: vLLM's own bound (the tokenizer's largest id)."""
+        return int(self._tokenizer.max_token_id) + 1
+
     def _render(self, request: GenerateRequest) -> list[int]:
         if request.messages is None:
             # As vLLM's completions endpoint does: special tokens (BOS) added by the tokenizer.
             return list(self._tokenizer.encode(request.prompt, add_special_tokens=True))
+        return self._render_chat(request.messages, request.tools, add_generation_prompt=True)
+
+    def _render_chat(
+        self, messages: tuple[Any, ...], tools: tuple[Any, ...], *, add_generation_prompt: bool
+    ) -> list[int]:
         if not self._tokenizer.chat_template:
             raise InvalidRequestError(
                 f"model '{self.spec.id}' has no chat template; use the completions endpoint", param="messages"
             )
-        turns = [message.model_dump() for message in request.messages]
+        turns = [message.template_dict() for message in messages]
+        # As vLLM's server does: tools go to the template even with tool_choice 'none'.
+        extra = {"tools": [tool.template_dict() for tool in tools]} if tools else {}
         try:
             ids = self._tokenizer.apply_chat_template(
-                turns, add_generation_prompt=True, tokenize=True, return_dict=False
+                turns, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False, **extra
             )
-        except jinja2.TemplateError as exc:
+        except (jinja2.TemplateError, TypeError) as exc:  # TypeError: the template joins text with a missing field
             raise InvalidRequestError(f"the chat template rejected the messages: {exc}", param="messages") from exc
         return list(ids)
 
-    def _sampling_params(self, sampling: SamplingConfig) -> Any:
-        from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
+    async def tokenize(self, request: TokenizeRequest) -> TokenizeResult:
+        """Token ids as `generate` would see them; see `TokenizingEngine`.
 
+        Raises:
+            InvalidRequestError: no chat template, or the template rejects the messages.
+        """
+        if request.messages is not None:
+            generation_prompt = request.add_generation_prompt
+            ids = self._render_chat(request.messages, request.tools, add_generation_prompt=generation_prompt)
+        else:
+            ids = list(self._tokenizer.encode(request.prompt, add_special_tokens=request.add_special_tokens))
+        strs = tuple(self._tokenizer.convert_ids_to_tokens(ids)) if request.return_token_strs else None
+        return TokenizeResult(tokens=tuple(ids), token_strs=strs, max_model_len=self._context_length)
+
+    async def detokenize(self, tokens: tuple[int, ...]) -> str:
+        """The text of token ids; see `TokenizingEngine`.
+
+        Raises:
+            InvalidRequestError: an id is outside the vocabulary.
+        """
+        check_token_ids(tokens, self._vocab_size, "tokens")
+        return str(self._tokenizer.decode(list(tokens)))
+
+    def _sampling_params(self, sampling: SamplingConfig, reader: ToolCallReader | None = None) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+
+        structured = None
+        schema = reader.constraint() if reader is not None else None
+        if schema is not None:  # a forced tool call: its schema wins over response_format, as in vLLM
+            structured = StructuredOutputsParams(json=schema)
+        elif (wanted := sampling.structured) is not None:
+            structured = StructuredOutputsParams(
+                json=wanted.json_schema,
+                json_object=wanted.json_object or None,
+                regex=wanted.regex,
+                choice=list(wanted.choice) if wanted.choice is not None else None,
+                grammar=wanted.grammar,
+            )
+        skip_special = reader.skip_special_tokens if reader is not None else None
         try:
             return SamplingParams(
                 max_tokens=sampling.max_tokens,
                 temperature=sampling.temperature,
                 top_p=sampling.top_p,
+                top_k=sampling.top_k,
+                min_p=sampling.min_p,
+                repetition_penalty=sampling.repetition_penalty,
+                min_tokens=sampling.min_tokens,
+                ignore_eos=sampling.ignore_eos,
+                skip_special_tokens=sampling.skip_special_tokens if skip_special is None else skip_special,
+                logit_bias=dict(sampling.logit_bias) or None,
                 stop=list(sampling.stop) or None,
                 seed=sampling.seed,
                 presence_penalty=sampling.presence_penalty,
                 frequency_penalty=sampling.frequency_penalty,
                 logprobs=sampling.logprobs,
+                structured_outputs=structured,
                 output_kind=RequestOutputKind.DELTA,
             )
         except ValueError as exc:  # vLLM's own parameter checks
-            raise InvalidRequestError(f"invalid sampling parameters: {exc}") from exc
+            param = sampling.structured.param if structured is not None and sampling.structured else None
+            raise InvalidRequestError(f"invalid sampling parameters: {exc}", param=param) from exc
 
     def _logprobs(self, out: Any, k: int) -> list[TokenLogprob]:
         """One TokenLogprob per token of a delta output: the sampled token and the top `k` alternatives."""

@@ -48,6 +48,8 @@ def prompt_text(request: GenerateRequest | EmbedRequest | None) -> str | None:
         return None
     if request.prompt is not None:
         return request.prompt
+    if request.prompt_token_ids is not None:
+        return ",".join(map(str, request.prompt_token_ids))  # token-id prompts share prefixes as their ids do
     return "".join(f"{m.role}{_UNIT}{m.content}{_RECORD}" for m in request.messages or ())
 
 

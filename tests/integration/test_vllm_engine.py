@@ -7,16 +7,28 @@ whole module and every test submits coroutines to it with a timeout.
 from __future__ import annotations
 
 import asyncio
+import json
 import math
+import re
 import threading
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 
-from deployments.engines.protocol import ChatMessage, GenerateChunk, GenerateRequest, SamplingConfig
+from deployments.engines.protocol import (
+    ChatMessage,
+    GenerateChunk,
+    GenerateRequest,
+    SamplingConfig,
+    StructuredOutput,
+    TokenizeRequest,
+    ToolCall,
+    ToolFunction,
+    merge_tool_calls,
+)
 from deployments.engines.vllm import VLLMEngine
 from deployments.errors import EngineDeadError, EngineStartError, InvalidRequestError
 from deployments.plan import PlanError
@@ -69,7 +81,11 @@ def _spec(source: str | Path, **overrides: Any) -> ModelSpec:
         "source": str(source),
         "context_length": CONTEXT,
         "max_output_tokens": MAX_OUTPUT,
-        "engine_kwargs": {"cpu_kvcache_space_gb": 0.25},
+        # Without it, random weights fill max_tokens with the whitespace JSON allows between tokens.
+        "engine_kwargs": {
+            "cpu_kvcache_space_gb": 0.25,
+            "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
+        },
         **overrides,
     }
     return ModelSpec(**fields)
@@ -365,6 +381,162 @@ def test_not_started_engine_is_dead(loop: LoopThread, tiny_llama: Path) -> None:
         loop.run(eng.check_health())
     with pytest.raises(EngineDeadError):
         loop.run(_collect(eng, _request()))
+
+
+# --- structured outputs, tool calls, token ids, tokenize (issue 9) ---------------------------------------------
+
+# Bounded values: unconstrained numbers or strings from random weights run on until max_tokens.
+_POINT = {
+    "type": "object",
+    "properties": {"ok": {"type": "boolean"}, "label": {"type": "string", "enum": ["a", "b"]}},
+    "required": ["ok", "label"],
+    "additionalProperties": False,
+}
+_WEATHER = ToolFunction(
+    name="get_weather",
+    description="Weather in a city",
+    parameters={
+        "type": "object",
+        "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
+        "required": ["city"],
+        "additionalProperties": False,
+    },
+)
+_TIME = ToolFunction(
+    name="get_time", parameters={"type": "object", "properties": {"zone": {"type": "integer"}}, "required": ["zone"]}
+)
+
+
+def _structured(**constraint: Any) -> SamplingConfig:
+    return SamplingConfig(max_tokens=MAX_OUTPUT, temperature=0.0, structured=StructuredOutput(**constraint))
+
+
+def test_json_schema_output_is_valid_json(loop: LoopThread, engine: VLLMEngine) -> None:
+    request = GenerateRequest(request_id="js", messages=QUESTION, sampling=_structured(json_schema=_POINT))
+    chunks = loop.run(_collect(engine, request))
+    value = json.loads(_text(chunks))  # random weights, but decoding is constrained
+    assert set(value) == {"ok", "label"} and isinstance(value["ok"], bool) and value["label"] in ("a", "b")
+    assert chunks[-1].finish_reason == "stop"
+
+
+@pytest.mark.parametrize(
+    ("constraint", "check"),
+    [
+        ({"choice": ("yes", "no")}, lambda text: text in ("yes", "no")),
+        ({"regex": "[0-9]{3}-[a-c]"}, lambda text: re.fullmatch("[0-9]{3}-[a-c]", text) is not None),
+        ({"json_object": True}, lambda text: isinstance(json.loads(text), dict)),
+        ({"grammar": 'root ::= "ab" | "cd"'}, lambda text: text in ("ab", "cd")),
+    ],
+)
+def test_structured_output_kinds(
+    loop: LoopThread, engine: VLLMEngine, constraint: dict[str, Any], check: Callable[[str], bool]
+) -> None:
+    request = GenerateRequest(request_id="so", prompt="Answer:", sampling=_structured(**constraint, param="x"))
+    text = _text(loop.run(_collect(engine, request)))
+    assert check(text), text
+
+
+def test_invalid_constraint_is_invalid_request(loop: LoopThread, engine: VLLMEngine) -> None:
+    request = GenerateRequest(
+        request_id="bad", prompt="x", sampling=_structured(regex="(unclosed", param="structured_outputs")
+    )
+    with pytest.raises(InvalidRequestError) as info:
+        loop.run(_collect(engine, request))
+    assert info.value.param == "structured_outputs"
+
+
+def _tool_request(choice: str, name: str | None = None, **fields: Any) -> GenerateRequest:
+    return GenerateRequest(
+        request_id="tools",
+        messages=QUESTION,
+        sampling=SamplingConfig(max_tokens=MAX_OUTPUT, temperature=0.0),
+        tools=(_WEATHER, _TIME),
+        tool_choice=choice,
+        tool_name=name,
+        **fields,
+    )
+
+
+def test_named_tool_choice_streams_one_call_with_valid_arguments(loop: LoopThread, engine: VLLMEngine) -> None:
+    chunks = loop.run(_collect(engine, _tool_request("function", "get_weather")))
+    deltas = [d for c in chunks for d in c.tool_calls or ()]
+    assert deltas[0].id and deltas[0].name == "get_weather"
+    assert all(d.name is None and d.id is None for d in deltas[1:]), "id and name come once"
+    (call,) = merge_tool_calls(deltas)
+    assert json.loads(call.arguments)["city"] in ("Paris", "Rome")
+    assert _text(chunks) == "" and chunks[-1].finish_reason == "stop"
+
+
+def test_required_tool_choice_returns_calls(loop: LoopThread, engine: VLLMEngine) -> None:
+    chunks = loop.run(_collect(engine, _tool_request("required", parallel_tool_calls=False)))
+    calls = merge_tool_calls(d for c in chunks for d in c.tool_calls or ())
+    assert len(calls) == 1 and calls[0].name in ("get_weather", "get_time") and calls[0].id
+    json.loads(calls[0].arguments)
+    assert chunks[-1].finish_reason == "tool_calls"
+
+
+def test_auto_without_a_parser_is_refused_by_name(loop: LoopThread, engine: VLLMEngine) -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        loop.run(_collect(engine, _tool_request("auto")))
+    assert info.value.param == "tool_choice" and "tool_call_parser" in info.value.message
+
+
+def test_tool_history_renders(loop: LoopThread, engine: VLLMEngine) -> None:
+    call = ToolCall(id="call_1", name="get_weather", arguments='{"city": "Paris"}')
+    history = (
+        *QUESTION,
+        ChatMessage(role="assistant", content="", tool_calls=(call,)),
+        ChatMessage(role="tool", content="sunny", tool_call_id="call_1"),
+    )
+    request = GenerateRequest(request_id="h", messages=history, sampling=SamplingConfig(max_tokens=4))
+    assert loop.run(_collect(engine, request))[-1].finish_reason in ("stop", "length")
+
+
+def test_token_id_prompt_and_tokenize_round_trip(loop: LoopThread, engine: VLLMEngine, tokenizer: Any) -> None:
+    tokenized = loop.run(
+        engine.tokenize(TokenizeRequest(request_id="t", prompt="One two three", add_special_tokens=True))
+    )
+    assert list(tokenized.tokens) == tokenizer("One two three")["input_ids"]
+    assert tokenized.max_model_len == CONTEXT
+    assert loop.run(engine.detokenize(tokenized.tokens[1:])) == "One two three"
+    by_text = _text(loop.run(_collect(engine, _request(prompt="One two three", max_tokens=6, temperature=0.0))))
+    by_ids = GenerateRequest(
+        request_id="ids", prompt_token_ids=tokenized.tokens, sampling=SamplingConfig(max_tokens=6, temperature=0.0)
+    )
+    assert _text(loop.run(_collect(engine, by_ids))) == by_text
+    with pytest.raises(InvalidRequestError) as info:
+        loop.run(_collect(engine, by_ids.model_copy(update={"prompt_token_ids": (10**6,)})))
+    assert info.value.param == "prompt"
+
+
+def test_vllm_extensions_are_honoured(loop: LoopThread, engine: VLLMEngine) -> None:
+    sampling = SamplingConfig(max_tokens=12, temperature=0.0, min_tokens=12, ignore_eos=True, top_k=5, min_p=0.1)
+    chunks = loop.run(_collect(engine, GenerateRequest(request_id="x", prompt="Hi", sampling=sampling)))
+    assert (chunks[-1].completion_tokens, chunks[-1].finish_reason) == (12, "length")
+    favourite = loop.run(engine.tokenize(TokenizeRequest(request_id="f", prompt="river", add_special_tokens=False)))
+    biased = SamplingConfig(max_tokens=3, temperature=0.0, logit_bias=((favourite.tokens[0], 100.0),))
+    out = loop.run(_collect(engine, GenerateRequest(request_id="b", prompt="Hi", sampling=biased)))
+    assert _text(out) == loop.run(engine.detokenize(favourite.tokens[:1] * 3))
+
+
+def test_auto_tool_calls_are_read_by_vllms_parser(tokenizer: Any, engine: VLLMEngine) -> None:
+    """The hermes parser reads a call out of text the model could write (random weights never do)."""
+    from deployments.engines.vllm_tools import ToolCallReader, load_parser
+
+    parser = load_parser("hermes", "tiny-vllm", engine._tokenizer)
+    reader = ToolCallReader(_tool_request("auto"), "tiny-vllm", parser, engine._tokenizer, engine._llm.model_config)
+    text = 'Let me see. <tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    content, deltas = "", []
+    pieces = [text[i : i + 7] for i in range(0, len(text), 7)]
+    for i, piece in enumerate(pieces):
+        ids = engine._tokenizer.encode(piece, add_special_tokens=False)
+        got, calls = reader.feed(piece, ids, [1], finished=i == len(pieces) - 1)
+        content += got
+        deltas.extend(calls)
+    (call,) = merge_tool_calls(deltas)
+    assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "Paris"} and call.id
+    assert content.strip() == "Let me see."
+    assert reader.finish_reason("stop") == "tool_calls"
 
 
 def test_killed_engine_core_is_reported_dead(loop: LoopThread, engine: VLLMEngine) -> None:

@@ -32,7 +32,7 @@ def test_default_config_plan() -> None:
         "dtype": "float32",
         "tensor_parallel_size": 1,
         "pipeline_parallel_size": 1,
-        "disable_log_stats": True,
+        "served_model_name": "smollm2",
         "enforce_eager": True,
         "max_model_len": 2048,
         "kv_cache_memory_bytes": 1 * GIB,

@@ -14,14 +14,18 @@ from typing import Any, TypeVar, cast
 import pytest
 
 from deployments.engines.batching import WorkItem
+from deployments.engines.decoding import GenerateJob, Sequence
 from deployments.engines.protocol import (
     ChatMessage,
     EmbedRequest,
     GenerateChunk,
     GenerateRequest,
     SamplingConfig,
+    StructuredOutput,
+    TokenizeRequest,
+    ToolFunction,
 )
-from deployments.engines.transformers import TransformersEngine, _GenerateJob, _Sequence
+from deployments.engines.transformers import TransformersEngine
 from deployments.errors import EngineDeadError, EngineError, EngineStartError, InvalidRequestError
 from models.registry import ModelPackageNotInstalledError, resolve_source
 from models.spec import ModelSpec
@@ -129,6 +133,45 @@ def embedder(bert_dir: Path) -> Iterator[TransformersEngine]:
 PROMPTS = [f"Hello number {i}, " + "the quick brown fox " * i for i in range(8)]
 
 
+# -- the cheap vLLM extensions, token ids, tokenize (issue 9) -------------------------------------------------
+
+
+def test_token_ids_tokenize_and_detokenize(llm: TransformersEngine) -> None:
+    tokens = run(llm.tokenize(TokenizeRequest(request_id="t", prompt="the quick fox", add_special_tokens=True)))
+    assert tokens.max_model_len == CONTEXT and tokens.token_strs is None
+    assert "the quick fox" in run(llm.detokenize(tokens.tokens))
+    by_ids = GenerateRequest(
+        request_id="ids", prompt_token_ids=tokens.tokens, sampling=SamplingConfig(max_tokens=6, temperature=0.0)
+    )
+    assert text_of(run(collect(llm, by_ids))) == text_of(
+        run(collect(llm, completion("the quick fox", 6, temperature=0.0)))
+    )
+    with pytest.raises(InvalidRequestError) as info:
+        run(collect(llm, by_ids.model_copy(update={"prompt_token_ids": (10**7,)})))
+    assert info.value.param == "prompt"
+
+
+def test_min_tokens_ignore_eos_and_logit_bias(llm: TransformersEngine) -> None:
+    chunks = run(collect(llm, completion("Hi", 10, min_tokens=10, ignore_eos=True, top_k=3, min_p=0.1, seed=1)))
+    assert (chunks[-1].completion_tokens, chunks[-1].finish_reason) == (10, "length")
+    token = run(llm.tokenize(TokenizeRequest(request_id="f", prompt="river", add_special_tokens=False))).tokens[0]
+    out = run(collect(llm, completion("Hi", 3, temperature=0.0, logit_bias=((token, 100.0),), repetition_penalty=1.1)))
+    assert text_of(out) == run(llm.detokenize((token,) * 3))
+
+
+def test_what_it_lacks_is_refused_by_name(llm: TransformersEngine) -> None:
+    structured = completion("Hi", 3, structured=StructuredOutput(json_object=True, param="response_format"))
+    with pytest.raises(InvalidRequestError) as info:
+        run(collect(llm, structured))
+    assert info.value.param == "response_format"
+    tools = chat("Hi").model_copy(
+        update={"tools": (ToolFunction(name="f"),), "tool_choice": "function", "tool_name": "f"}
+    )
+    with pytest.raises(InvalidRequestError) as info:
+        run(collect(llm, tools))
+    assert info.value.param == "tool_choice"
+
+
 # -- generation: stream structure -----------------------------------------------------------------------
 
 
@@ -227,8 +270,8 @@ def test_incremental_detokenization_holds_back_partial_characters(llm: Transform
 
     async def drive() -> None:
         loop = asyncio.get_running_loop()
-        job = _GenerateJob([1], SamplingConfig(max_tokens=len(ids), temperature=0.0))
-        sequence = _Sequence(WorkItem(job, loop, received.append), llm._decoder, frozenset(), llm.device)
+        job = GenerateJob([1], SamplingConfig(max_tokens=len(ids), temperature=0.0))
+        sequence = Sequence(WorkItem(job, loop, received.append), llm._decoder, frozenset(), llm.device)
         done = [sequence.push(token) for token in ids]
         assert done == [False] * (len(ids) - 1) + [True]
         await asyncio.sleep(0)
