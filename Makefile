@@ -27,13 +27,17 @@ $(STAMP): pyproject.toml Makefile
 serve: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/modelfleet serve $(CONFIG)
 
-# The unit tests build the k8s/ overlays with `kubectl kustomize` (offline). Where kubectl is missing, Debian's
-# kubernetes-client (kubectl 1.20) is installed, only as root on a machine with apt-get; elsewhere the test says
-# what to install.
+# The unit tests build the k8s/ overlays with `kubectl kustomize` (offline), and the observability test runs every
+# dashboard query against its own `prometheus` (loopback, scraping a local cluster). Where one is missing, Debian's
+# package (kubernetes-client: kubectl 1.20; prometheus: 2.42) is installed, only as root on a machine with apt-get;
+# elsewhere the test says what to install. Only the binary is used: the test never starts the system service.
 test-tools:
 	@command -v kubectl >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || \
 		apt-get install -y -q kubernetes-client || (apt-get update -q && apt-get install -y -q kubernetes-client) || \
 		echo "kubectl could not be installed: the k8s unit test will fail until it is (Debian: kubernetes-client)"
+	@command -v prometheus >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || \
+		apt-get install -y -q prometheus || (apt-get update -q && apt-get install -y -q prometheus) || \
+		echo "prometheus could not be installed: the observability test will fail until it is (Debian: prometheus)"
 
 test: install test-tools
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)

@@ -43,6 +43,7 @@ class ClusterState:
     num_cpus: int
     dashboard_port: int | None = None
     engine_cpus: str | None = None  # cores kept for engine compute; Ray's processes run on the others
+    metrics_port: int | None = None  # Ray's metrics export port (Prometheus format) on 127.0.0.1
 
     @property
     def alive(self) -> bool:
@@ -114,7 +115,12 @@ def _wait_port(port: int, deadline: float, proc: subprocess.Popen[bytes], log_fi
 
 
 def up(
-    *, num_cpus: int | None = None, dashboard: bool = False, engine_cpus: str = "auto", timeout_s: float = 120.0
+    *,
+    num_cpus: int | None = None,
+    dashboard: bool = False,
+    engine_cpus: str = "auto",
+    metrics_port: int | None = None,
+    timeout_s: float = 120.0,
 ) -> ClusterState:
     """Start a local Ray head bound to 127.0.0.1 (or return the one already running).
 
@@ -126,6 +132,8 @@ def up(
             recorded in the state, from which `deploy` compiles the plan that hands them to the engines;
             `settle_cpus` moves the rest of the cluster onto the other cores once an app answers. Ray's
             processes get the plan's `RAY_ENV` and the cluster's auth token (`cluster.auth_token`).
+        metrics_port: the port on 127.0.0.1 where Ray exports the node's metrics (Ray's, Serve's and the app's,
+            in Prometheus format) for a Prometheus to scrape; default: a free port. Recorded in the state.
         timeout_s: how long to wait for the head to come up.
 
     Returns:
@@ -145,6 +153,7 @@ def up(
     logical_cpus = num_cpus or max(8, os.cpu_count() or 2)
     port = free_port()
     dashboard_port = free_port() if dashboard else None
+    metrics_port = metrics_port or free_port()
     cmd = [
         str(Path(sys.executable).with_name("ray")),
         "start",
@@ -155,6 +164,10 @@ def up(
         f"--num-cpus={logical_cpus}",
         f"--temp-dir={temp_dir}",
         f"--ray-client-server-port={free_port()}",
+        f"--metrics-export-port={metrics_port}",
+        # The dashboard agent's HTTP port (job submission) is fixed at 52365 by default: a second local cluster
+        # on the machine would fail to bind it and refuse every job.
+        f"--dashboard-agent-listen-port={free_port()}",
         "--disable-usage-stats",
     ]
     if dashboard_port:
@@ -187,6 +200,7 @@ def up(
         log_file=str(log_file),
         num_cpus=logical_cpus,
         dashboard_port=dashboard_port,
+        metrics_port=metrics_port,
         engine_cpus=cpus.format_cpu_list(split.engine) if split is not None else None,
     )
     _state_path().write_text(json.dumps(asdict(state)))

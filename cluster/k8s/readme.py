@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from cluster.k8s.accelerators import GPU_NODE_LABEL, GPU_RESOURCE
 from cluster.k8s.auth import AUTH_SECRET, create_secret_command
-from cluster.k8s.monitoring import POD_MONITOR
+from cluster.k8s.monitoring import DASHBOARDS_CONFIG_MAP, POD_MONITOR
 from cluster.k8s.profile import IMAGE_WORKDIR, PROFILES
 from cluster.k8s.rayservice import READY_PATH
 
@@ -68,12 +68,18 @@ prometheus-operator CRDs for the PodMonitor in `base/`, and an image (below).
 |---|---|
 | `base/kustomization.yaml` | the objects every overlay shares |
 | `base/podmonitor.yaml` | PodMonitor `{POD_MONITOR}`: Prometheus scrapes every Ray pod's metrics port (8080) |
+| `base/dashboards.yaml` | ConfigMap `{DASHBOARDS_CONFIG_MAP}`: the Grafana dashboards, for Grafana's sidecar |
+| `dashboards/*.json` | the same dashboards as files (to import by hand; `modelfleet dashboards push` uploads them) |
 | `overlays/<name>/kustomization.yaml` | the base plus the overlay's RayService |
 | `overlays/<name>/rayservice.yaml` | the RayService: Ray cluster (head, worker groups, autoscaling, auth) and app |
 | `ray-auth-secret.template.yaml` | the token Secret with an empty token (step 2) |
 | `README.md` | this file |
 
-A Grafana dashboards ConfigMap will sit beside the PodMonitor once the dashboards exist (`cluster/observability/`).
+The dashboards (overview, model drill-down, cluster) are built in `cluster/observability/` and read the metrics in
+`docs/metrics.md`. A Grafana with the dashboard sidecar (kube-prometheus-stack) loads ConfigMaps labelled
+`grafana_dashboard: "1"` (into the folder its `grafana_folder` annotation names, where the sidecar reads folder
+annotations); otherwise `modelfleet dashboards push --url URL --token TOKEN`.
+
 A Prometheus picks PodMonitors by its `podMonitorSelector` (kube-prometheus-stack: `release: <release>`): add
 that label in an overlay of your own if yours needs it.
 

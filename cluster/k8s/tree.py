@@ -13,7 +13,7 @@ from pathlib import Path
 from cluster.k8s.auth import AUTH_TOKEN_KEY, create_secret_command, secret_template
 from cluster.k8s.errors import RenderError
 from cluster.k8s.manifest import dump
-from cluster.k8s.monitoring import pod_monitor
+from cluster.k8s.monitoring import dashboards, dashboards_config_map, pod_monitor
 from cluster.k8s.profile import RenderOptions
 from cluster.k8s.rayservice import rayservice
 from cluster.k8s.readme import readme
@@ -22,6 +22,7 @@ from deployments.plan import compile_plan
 
 __all__ = [
     "COMMITTED_OVERLAYS",
+    "DASHBOARDS_DIR",
     "DEFAULT_OUT",
     "PROJECT_ROOT",
     "SECRET_TEMPLATE",
@@ -33,6 +34,7 @@ __all__ = [
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = Path("k8s")
 SECRET_TEMPLATE = "ray-auth-secret.template.yaml"
+DASHBOARDS_DIR = "dashboards"
 _KUSTOMIZATION = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization"}
 _OVERLAY_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _DO_NOT_EDIT = "Do not edit: change the config or cluster/k8s/ and run `modelfleet render-k8s`."
@@ -130,10 +132,15 @@ def _write_base(out_dir: Path) -> list[Path]:
     files = _write_dir(
         out_dir / "base",
         {
-            "kustomization.yaml": dump({**_KUSTOMIZATION, "resources": ["podmonitor.yaml"]}, header=header),
+            "kustomization.yaml": dump(
+                {**_KUSTOMIZATION, "resources": ["podmonitor.yaml", "dashboards.yaml"]}, header=header
+            ),
             "podmonitor.yaml": dump(pod_monitor(), header=header),
+            "dashboards.yaml": dump(dashboards_config_map(), header=header),
         },
     )
+    # The same dashboards as plain files, to import into a Grafana by hand (`modelfleet dashboards export`).
+    files += _write_dir(out_dir / DASHBOARDS_DIR, dashboards(), pattern="*.json")
     template = out_dir / SECRET_TEMPLATE
     template.write_text(
         dump(
@@ -150,10 +157,10 @@ def _write_base(out_dir: Path) -> list[Path]:
     return [*files, template]
 
 
-def _write_dir(folder: Path, files: dict[str, str]) -> list[Path]:
+def _write_dir(folder: Path, files: dict[str, str], pattern: str = "*.yaml") -> list[Path]:
     """Write a folder's manifests, removing manifests of an earlier render that this one no longer has."""
     folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob("*.yaml"):
+    for stale in folder.glob(pattern):
         if stale.name not in files:
             stale.unlink()
     paths = []

@@ -48,6 +48,7 @@ def fresh(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _owned(tree: Path) -> dict[str, str]:
     """The files of a tree that the renderer writes, by relative path."""
     paths = [tree / "README.md", *tree.glob("*.template.yaml"), *tree.glob("base/*"), *tree.glob("overlays/*/*")]
+    paths += tree.glob("dashboards/*")
     return {str(p.relative_to(tree)): p.read_text() for p in paths if p.is_file()}
 
 
@@ -209,7 +210,7 @@ def test_nulls_are_dropped_and_defaults_applied_before_validating() -> None:
 
 def test_core_objects_validate_with_kubernetes_schemas(fresh: Path) -> None:
     core = [(path, doc) for path, doc in _objects(fresh) if "/" not in doc["apiVersion"]]
-    assert {doc["kind"] for _, doc in core} == {"Secret"}
+    assert {doc["kind"] for _, doc in core} == {"Secret", "ConfigMap"}
     # Each Ray pod template, as a core PodTemplate: the pod spec as Kubernetes itself defines it.
     for overlay in COMMITTED_OVERLAYS:
         cluster = _service(overlay)["spec"]["rayClusterConfig"]
@@ -512,8 +513,12 @@ def test_render_k8s_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert main([*args, "--overlay", "mine", "--image", "registry.example/mf:1"]) == 0
     written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
     assert written == [
+        "base/dashboards.yaml",
         "base/kustomization.yaml",
         "base/podmonitor.yaml",
+        "dashboards/modelfleet-cluster.json",
+        "dashboards/modelfleet-model.json",
+        "dashboards/modelfleet-overview.json",
         "overlays/mine/kustomization.yaml",
         "overlays/mine/rayservice.yaml",
         "ray-auth-secret.template.yaml",
