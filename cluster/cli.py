@@ -31,11 +31,14 @@ def _config(path: str | None) -> ServingConfig:
     return load_config(path or DEFAULT_CONFIG)
 
 
-def prepare_models(config: ServingConfig) -> None:
-    """Materialise every packaged model of the config once (conversions show progress)."""
+def prepare_models(config: ServingConfig, only: str | None = None) -> None:
+    """Materialise every packaged model of the config (or only the model with id `only`) once (conversions show
+    progress)."""
     from models.registry import is_packaged, resolve_source
 
     for spec in config.models:
+        if only is not None and spec.id != only:
+            continue
         if spec.source and is_packaged(spec.source):
             started = time.monotonic()
             path = resolve_source(spec.source, progress=True)
@@ -78,9 +81,13 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
-    state = local.up(num_cpus=args.num_cpus, dashboard=args.dashboard, engine_cpus=args.engine_cpus)
+    state = local.up(
+        num_cpus=args.num_cpus, dashboard=args.dashboard, engine_cpus=args.engine_cpus, metrics_port=args.metrics_port
+    )
     cores = f"; engines compute on cores {state.engine_cpus}" if state.engine_cpus else ""
     _say(f"local Ray cluster running at {state.gcs_address} (pid {state.pid}, {state.num_cpus} logical CPUs{cores})")
+    if state.metrics_port:
+        _say(f"metrics (Prometheus format): http://127.0.0.1:{state.metrics_port}/metrics")
     return 0
 
 
@@ -136,7 +143,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     owned = local.read_state() is None
     try:
         prepare_models(config)
-        state = local.up(num_cpus=args.num_cpus, dashboard=args.dashboard, engine_cpus=args.engine_cpus)
+        state = local.up(
+            num_cpus=args.num_cpus,
+            dashboard=args.dashboard,
+            engine_cpus=args.engine_cpus,
+            metrics_port=args.metrics_port,
+        )
         # ray.init installs its own TERM handler (it aborts the process): take the signals back after it.
         deploying.connect(state)
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -238,6 +250,42 @@ def _gpu_node_value(text: str) -> tuple[str, tuple[str, ...]]:
     return kind, tuple(v for v in values.split(",") if v)
 
 
+def _cmd_dashboards_export(args: argparse.Namespace) -> int:
+    from cluster.k8s import DEFAULT_OUT, PROJECT_ROOT
+    from cluster.k8s.tree import DASHBOARDS_DIR
+    from cluster.observability import export
+
+    for path in export(Path(args.out) if args.out else PROJECT_ROOT / DEFAULT_OUT / DASHBOARDS_DIR):
+        _say(f"wrote {path}")
+    return 0
+
+
+def _cmd_dashboards_push(args: argparse.Namespace) -> int:
+    from cluster.observability.grafana import FOLDER_UID, GrafanaError, push
+
+    try:
+        pushed = push(args.url, args.token, folder_uid=args.folder or FOLDER_UID)
+    except GrafanaError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for board in pushed:
+        _say(f"{board.title}: {args.url.rstrip('/')}{board.url} (version {board.version})")
+    return 0
+
+
+def _dashboards_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("dashboards", help="the Grafana dashboards: write their JSON, or upload them to a Grafana")
+    boards = p.add_subparsers(dest="dashboards_command", required=True)
+    p = boards.add_parser("export", help="write every dashboard as <uid>.json")
+    p.add_argument("--out", help="folder to write into (default: the repository's k8s/dashboards/)")
+    p.set_defaults(func=_cmd_dashboards_export)
+    p = boards.add_parser("push", help="create or overwrite the dashboards in a Grafana, in one folder")
+    p.add_argument("--url", required=True, help="Grafana's base URL, e.g. http://localhost:3000")
+    p.add_argument("--token", help="a service-account token with the Editor role (or user:password in --url)")
+    p.add_argument("--folder", help="uid of the folder, created when missing (default: modelfleet)")
+    p.set_defaults(func=_cmd_dashboards_push)
+
+
 def _cmd_schema(args: argparse.Namespace) -> int:
     _say(json.dumps(ServingConfig.model_json_schema(), indent=2))
     return 0
@@ -260,6 +308,12 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="auto|off|LIST",
             help="cores kept for engine compute, the rest run Ray and serving (default auto: all but the last "
             "max(1, n/8) cores on 2+ cores; a CPU list such as 0-5; off)",
+        )
+        p.add_argument(
+            "--metrics-port",
+            type=int,
+            default=None,
+            help="port on 127.0.0.1 where Ray exports the cluster's metrics for Prometheus (default: a free port)",
         )
 
     p = sub.add_parser("validate", help="check a config file against the schema")
@@ -327,6 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_render_k8s)
     p = sub.add_parser("schema", help="print the config JSON Schema")
     p.set_defaults(func=_cmd_schema)
+    # `batch` keeps its own parser too (cluster.jobs.cli).
+    sub.add_parser("batch", help="batch inference over an OpenAI batch file as a Ray job (see `modelfleet batch -h`)")
+    _dashboards_parser(sub)
     # `bench` keeps its own parser (cluster.bench); everything after the word goes to it.
     sub.add_parser("bench", help="load-test an endpoint and compare with baselines (see `modelfleet bench -h`)")
     return parser
@@ -341,6 +398,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from cluster import bench
 
         return bench.main(argv[1:])
+    if argv[:1] == ["batch"]:
+        from cluster.jobs import cli as batch
+
+        return batch.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)

@@ -1,0 +1,291 @@
+"""Batch jobs seen from the client: submit one through Ray's job API (with the cluster's token), follow it, stop it.
+
+Every function returns values and prints nothing (`modelfleet batch` prints). The job itself reads the input and
+writes the output at the paths given, on the node its driver runs on: on the local cluster that is this machine.
+On a remote cluster those paths would have to exist there (a shared volume); uploading the input and fetching
+the output is not done here.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cluster.auth_token import use_token
+from cluster.deploy import _WORKING_DIR_EXCLUDES, PROJECT_ROOT
+from cluster.jobs.progress import Progress, last_progress
+from cluster.jobs.spec import BatchJobSpec, partial_path
+from cluster.local import ClusterError, ClusterState
+from deployments.config import ServingConfig
+from deployments.plan import PlanError, plan_model
+
+if TYPE_CHECKING:
+    from ray.job_submission import JobSubmissionClient
+
+__all__ = [
+    "BatchError",
+    "BatchStatus",
+    "build_spec",
+    "cancel",
+    "job_address",
+    "logs",
+    "status",
+    "submit",
+    "wait",
+]
+
+_KIND = "modelfleet-batch"  # metadata `kind` of the jobs this module submits
+_TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+_POLL_S = 1.0
+# Ray's dashboard, which serves the job API, opens some seconds after the head (`modelfleet up` returns before).
+_CONNECT_TIMEOUT_S = 60.0
+# ...and its job agent registers later still: until then a submission is answered 500 with this text
+# (ray/dashboard/modules/job/job_head.py) and no job is created, so it is safe to send again.
+_AGENT_NOT_READY = "No available agent to submit job"
+
+
+class BatchError(ClusterError):
+    """Raised when a batch job cannot be submitted, found, followed or stopped (the message says why)."""
+
+
+@dataclass(frozen=True)
+class BatchStatus:
+    """A batch job as `modelfleet batch status` shows it."""
+
+    job_id: str
+    status: str  # Ray's JobStatus: PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED
+    message: str
+    progress: Progress | None  # None until the job has counted its input
+    model: str
+    input: str
+    output: str
+    start_time_s: float | None
+    end_time_s: float | None
+
+    @property
+    def done(self) -> bool:
+        """Whether the job has ended (succeeded, failed or stopped)."""
+        return self.status in _TERMINAL
+
+    @property
+    def partial_output(self) -> str:
+        """Where the lines written so far are, until the job succeeds and renames the file to `output`."""
+        return partial_path(self.output)
+
+
+def job_address(state: ClusterState) -> str:
+    """The job API address of the local cluster.
+
+    Raises:
+        BatchError: the cluster was started without the dashboard, which serves the job API.
+    """
+    if state.dashboard_port is None:
+        raise BatchError(
+            "the local cluster runs without Ray's dashboard, which takes job submissions: "
+            "`modelfleet down`, then `modelfleet up --dashboard`"
+        )
+    return f"http://127.0.0.1:{state.dashboard_port}"
+
+
+def build_spec(
+    config: ServingConfig,
+    model_id: str,
+    input_path: str | Path,
+    output_path: str | Path,
+    *,
+    engine_cpus: str | None = None,
+    batch_size: int | None = None,
+    concurrency: int | None = None,
+) -> BatchJobSpec:
+    """The job spec of running `model_id` of `config` over `input_path` (paths made absolute, on this machine).
+
+    Args:
+        engine_cpus: the cluster's engine cores (`ClusterState.engine_cpus`), handed to the engine as a replica's.
+        batch_size: input lines per batch (default: BatchJobSpec's).
+        concurrency: engines at once (default: BatchJobSpec's).
+
+    Raises:
+        BatchError: no such model, a model the batch runner cannot place (tensor/pipeline parallel), a plan error,
+            a missing input, or an output that would overwrite the input.
+    """
+    spec = next((m for m in config.models if m.id == model_id), None)
+    if spec is None:
+        known = ", ".join(m.id for m in config.models)
+        raise BatchError(f"config '{config.name}' has no model '{model_id}' (models: {known})")
+    if spec.parallelism.world_size > 1:
+        raise BatchError(
+            f"model '{model_id}' runs on {spec.parallelism.world_size} workers (tensor/pipeline parallel); "
+            "batch jobs run single-worker engines only"
+        )
+    try:
+        plan = plan_model(spec, engine_cpus=engine_cpus)
+    except PlanError as exc:
+        raise BatchError(str(exc)) from None
+    source, output = Path(input_path).resolve(), Path(output_path).resolve()
+    if not source.is_file():
+        raise BatchError(f"input {source} does not exist or is not a file")
+    if output == source:
+        raise BatchError("the output must not be the input file")
+    given = {"batch_size": batch_size, "concurrency": concurrency}
+    return BatchJobSpec(
+        model=plan,
+        input=str(source),
+        output=str(output),
+        **{key: value for key, value in given.items() if value is not None},
+    )
+
+
+def _client(address: str, connect_timeout_s: float = _CONNECT_TIMEOUT_S) -> JobSubmissionClient:
+    from ray.job_submission import JobSubmissionClient
+
+    # As deploy.connect does through ray.init(logging_level=WARNING): at INFO, Ray lists every file the
+    # working_dir upload skips.
+    logging.getLogger("ray").setLevel(logging.WARNING)
+    # The job API checks the same token as the rest of the cluster; the client sends it only in token mode,
+    # reading the file that use_token() names (ray._private.authentication.http_token_authentication).
+    use_token()
+    deadline = time.monotonic() + connect_timeout_s
+    while True:
+        try:
+            return JobSubmissionClient(address)
+        except ConnectionError as exc:
+            if time.monotonic() > deadline:
+                raise BatchError(f"cannot reach the job API at {address} ({connect_timeout_s:.0f} s): {exc}") from None
+        except RuntimeError as exc:  # it answered, and refused (a wrong token, an old Ray)
+            raise BatchError(f"the job API at {address} refused this client: {exc}") from None
+        time.sleep(_POLL_S)
+
+
+def submit(spec: BatchJobSpec, *, address: str, python: str = sys.executable) -> str:
+    """Submit the batch job; it ships the repository as its working_dir, as `deploy` does.
+
+    Args:
+        spec: the job (see `build_spec`).
+        address: the cluster's job API (`job_address`).
+        python: the cluster's Python; this process's on the local cluster (the same virtualenv), whose `bin`
+            need not be on the PATH the job's shell gets.
+
+    Returns:
+        The job id (its submission id).
+
+    Raises:
+        BatchError: the job API refused the job or cannot be reached.
+    """
+    client = _client(address)
+    job_id = f"batch-{uuid.uuid4().hex[:12]}"
+    entrypoint = f"{shlex.quote(python)} -m cluster.jobs.entrypoint {shlex.quote(spec.model_dump_json())}"
+    deadline = time.monotonic() + _CONNECT_TIMEOUT_S
+    while True:
+        try:
+            return client.submit_job(
+                entrypoint=entrypoint,
+                submission_id=job_id,
+                runtime_env={"working_dir": str(PROJECT_ROOT), "excludes": _WORKING_DIR_EXCLUDES},
+                metadata={"kind": _KIND, "model": spec.model.spec.id, "input": spec.input, "output": spec.output},
+            )
+        except RuntimeError as exc:
+            # The SDK raises a bare RuntimeError carrying the HTTP answer, so only its text tells this case apart.
+            if _AGENT_NOT_READY not in str(exc):
+                raise BatchError(f"the job API refused the batch job: {exc}") from None
+            if time.monotonic() > deadline:
+                raise BatchError(
+                    f"the cluster's job agent did not answer in {_CONNECT_TIMEOUT_S:.0f} s. Ray's dashboard agents "
+                    "listen on port 52365 unless told otherwise: if another Ray cluster on this machine holds it, "
+                    "this one cannot take jobs (its dashboard_agent.log says 'address already in use')"
+                ) from None
+        time.sleep(_POLL_S)
+
+
+def _info_status(client: JobSubmissionClient, job_id: str) -> BatchStatus:
+    try:
+        info = client.get_job_info(job_id)
+        log = client.get_job_logs(job_id)
+    except RuntimeError as exc:  # the SDK raises RuntimeError for every HTTP error, 404 included
+        raise BatchError(f"job {job_id}: {exc}") from None
+    meta = info.metadata or {}
+    return BatchStatus(
+        job_id=job_id,
+        status=str(getattr(info.status, "value", info.status)),
+        message=info.message or "",
+        progress=last_progress(log),
+        model=meta.get("model", ""),
+        input=meta.get("input", ""),
+        output=meta.get("output", ""),
+        start_time_s=info.start_time / 1000 if info.start_time else None,
+        end_time_s=info.end_time / 1000 if info.end_time else None,
+    )
+
+
+def status(job_id: str, *, address: str) -> BatchStatus:
+    """The job's state and progress (from the progress lines of its log).
+
+    Raises:
+        BatchError: no such job, or the job API cannot be reached.
+    """
+    return _info_status(_client(address), job_id)
+
+
+def logs(job_id: str, *, address: str) -> str:
+    """Everything the job has logged so far (its driver and, through Ray, its engines).
+
+    Raises:
+        BatchError: no such job, or the job API cannot be reached.
+    """
+    try:
+        return _client(address).get_job_logs(job_id)
+    except RuntimeError as exc:
+        raise BatchError(f"job {job_id}: {exc}") from None
+
+
+def wait(
+    job_id: str,
+    *,
+    address: str,
+    timeout_s: float,
+    on_progress: Callable[[BatchStatus], None] = lambda s: None,
+) -> BatchStatus:
+    """Poll the job until it ends; `on_progress` gets each status whose state or progress changed.
+
+    Raises:
+        BatchError: it did not end within `timeout_s` (it keeps running), or the job API failed.
+    """
+    client = _client(address)
+    deadline = time.monotonic() + timeout_s
+    seen: tuple[str, Progress | None] | None = None
+    while True:
+        current = _info_status(client, job_id)
+        if (current.status, current.progress) != seen:
+            seen = (current.status, current.progress)
+            on_progress(current)
+        if current.done:
+            return current
+        if time.monotonic() > deadline:
+            raise BatchError(f"job {job_id} was still {current.status} after {timeout_s:.0f} s; it keeps running")
+        time.sleep(_POLL_S)
+
+
+def cancel(job_id: str, *, address: str, timeout_s: float = 60.0) -> BatchStatus:
+    """Stop the job (Ray sends its driver SIGTERM, then SIGKILL) and wait until it has ended.
+
+    Lines already written stay in the partial output (`BatchStatus.partial_output`); the output path is written
+    only by a job that finished.
+
+    Returns:
+        The job's final status: STOPPED, or SUCCEEDED/FAILED when it had already ended.
+
+    Raises:
+        BatchError: no such job, the job API failed, or the job did not end within `timeout_s`.
+    """
+    client = _client(address)
+    try:
+        client.stop_job(job_id)
+    except RuntimeError as exc:
+        raise BatchError(f"job {job_id}: {exc}") from None
+    return wait(job_id, address=address, timeout_s=timeout_s)

@@ -1,0 +1,27 @@
+"""BatchJobSpec: everything a batch job runs with, handed from the submitting client to the job's entrypoint."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from deployments.plan import ModelPlan
+from models.spec import FrozenModel
+
+__all__ = ["BatchJobSpec", "partial_path"]
+
+
+def partial_path(output: str) -> str:
+    """Where a job writes its output until every line is there; renamed to `output` when the job succeeds."""
+    return output + ".partial"
+
+
+class BatchJobSpec(FrozenModel):
+    """One batch job: the model's plan (what its replicas start with), the files, and how the work is split."""
+
+    model: ModelPlan = Field(description="The plan of the model that answers every line (its engine and resources).")
+    input: str = Field(description="Absolute path of the input JSONL file (OpenAI batch format) on the cluster.")
+    output: str = Field(description="Absolute path of the output JSONL file the job writes on the cluster.")
+    batch_size: int = Field(
+        16, ge=1, le=4096, description="Input lines per batch handed to an engine; they run concurrently."
+    )
+    concurrency: int = Field(1, ge=1, le=64, description="Engines (Ray Data actors) working at once, one per actor.")
