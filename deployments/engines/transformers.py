@@ -11,7 +11,6 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import jinja2
 import torch
 import torch.nn.functional as F  # noqa: N812 - the usual torch alias
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, DynamicCache
@@ -19,6 +18,7 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, Dynamic
 from deployments import cpus
 from deployments.engines.batching import BatchStats, BatchWorker, WorkItem
 from deployments.engines.decoding import GenerateJob, Sequence, sample
+from deployments.engines.hf_tokenizer import HFTokenizerMixin
 from deployments.engines.protocol import (
     EmbeddingEngine,
     EmbedRequest,
@@ -26,9 +26,6 @@ from deployments.engines.protocol import (
     Engine,
     GenerateChunk,
     GenerateRequest,
-    TokenizeRequest,
-    TokenizeResult,
-    TokenizingEngine,
     check_context,
     check_output_budget,
     check_token_ids,
@@ -59,7 +56,7 @@ _SUPPORTED = (
 )
 
 
-class TransformersEngine(Engine, EmbeddingEngine, TokenizingEngine):
+class TransformersEngine(HFTokenizerMixin, Engine, EmbeddingEngine):
     """Runs a causal LM (`task='generate'`) or an encoder (`task='embed'`) from `spec.source`.
 
     Concurrent requests are grouped into batches of up to `spec.batching.max_batch_size` on one worker
@@ -310,46 +307,6 @@ class TransformersEngine(Engine, EmbeddingEngine, TokenizingEngine):
             raise InvalidRequestError("the prompt is empty", param=param)
         check_context(self._context_length, len(ids), sampling, param)
         return GenerateJob(ids, sampling)
-
-    def _render_chat(
-        self, messages: tuple[Any, ...], tools: tuple[Any, ...], *, add_generation_prompt: bool
-    ) -> list[int]:
-        if not self._tokenizer.chat_template:
-            raise InvalidRequestError(
-                f"model '{self.spec.id}' has no chat template; use the completions endpoint", param="messages"
-            )
-        turns = [message.template_dict() for message in messages]
-        extra = {"tools": [tool.template_dict() for tool in tools]} if tools else {}
-        try:
-            ids = self._tokenizer.apply_chat_template(
-                turns, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False, **extra
-            )
-        except (jinja2.TemplateError, TypeError) as exc:  # TypeError: the template joins text with a missing field
-            raise InvalidRequestError(f"the chat template rejected the messages: {exc}", param="messages") from exc
-        return list(ids)
-
-    async def tokenize(self, request: TokenizeRequest) -> TokenizeResult:
-        """Token ids of a prompt or chat messages, as `generate` would see them; see `TokenizingEngine`.
-
-        Raises:
-            InvalidRequestError: no chat template, or the template rejects the messages.
-        """
-        if request.messages is not None:
-            generation_prompt = request.add_generation_prompt
-            ids = self._render_chat(request.messages, request.tools, add_generation_prompt=generation_prompt)
-        else:
-            ids = list(self._tokenizer.encode(request.prompt, add_special_tokens=request.add_special_tokens))
-        strs = tuple(self._tokenizer.convert_ids_to_tokens(ids)) if request.return_token_strs else None
-        return TokenizeResult(tokens=tuple(ids), token_strs=strs, max_model_len=self._context_length)
-
-    async def detokenize(self, tokens: tuple[int, ...]) -> str:
-        """The text of token ids; see `TokenizingEngine`.
-
-        Raises:
-            InvalidRequestError: an id is outside the vocabulary.
-        """
-        check_token_ids(tokens, self._vocab_size, "tokens")
-        return str(self._tokenizer.decode(list(tokens)))
 
     def _running_worker(self) -> BatchWorker[Any]:
         if self._worker is None or not self._worker.is_alive():

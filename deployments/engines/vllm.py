@@ -14,17 +14,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import jinja2
-
+from deployments.engines.hf_tokenizer import HFTokenizerMixin
 from deployments.engines.protocol import (
     Engine,
     FinishReason,
     GenerateChunk,
     GenerateRequest,
     SamplingConfig,
-    TokenizeRequest,
-    TokenizeResult,
-    TokenizingEngine,
     TokenLogprob,
     ToolCallDelta,
     check_context,
@@ -45,7 +41,7 @@ _SHUTDOWN_TIMEOUT_S = 10.0
 _FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "repetition": "stop"}
 
 
-class VLLMEngine(Engine, TokenizingEngine):
+class VLLMEngine(HFTokenizerMixin, Engine):
     """Runs `spec.source` on vLLM's AsyncLLM: continuous batching, paged KV cache, one engine-core process.
 
     `engine_kwargs` go to `vllm.AsyncEngineArgs` (e.g. `max_num_seqs`, `enable_prefix_caching`,
@@ -328,47 +324,6 @@ class VLLMEngine(Engine, TokenizingEngine):
             # As vLLM's completions endpoint does: special tokens (BOS) added by the tokenizer.
             return list(self._tokenizer.encode(request.prompt, add_special_tokens=True))
         return self._render_chat(request.messages, request.tools, add_generation_prompt=True)
-
-    def _render_chat(
-        self, messages: tuple[Any, ...], tools: tuple[Any, ...], *, add_generation_prompt: bool
-    ) -> list[int]:
-        if not self._tokenizer.chat_template:
-            raise InvalidRequestError(
-                f"model '{self.spec.id}' has no chat template; use the completions endpoint", param="messages"
-            )
-        turns = [message.template_dict() for message in messages]
-        # As vLLM's server does: tools go to the template even with tool_choice 'none'.
-        extra = {"tools": [tool.template_dict() for tool in tools]} if tools else {}
-        try:
-            ids = self._tokenizer.apply_chat_template(
-                turns, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False, **extra
-            )
-        except (jinja2.TemplateError, TypeError) as exc:  # TypeError: the template joins text with a missing field
-            raise InvalidRequestError(f"the chat template rejected the messages: {exc}", param="messages") from exc
-        return list(ids)
-
-    async def tokenize(self, request: TokenizeRequest) -> TokenizeResult:
-        """Token ids as `generate` would see them; see `TokenizingEngine`.
-
-        Raises:
-            InvalidRequestError: no chat template, or the template rejects the messages.
-        """
-        if request.messages is not None:
-            generation_prompt = request.add_generation_prompt
-            ids = self._render_chat(request.messages, request.tools, add_generation_prompt=generation_prompt)
-        else:
-            ids = list(self._tokenizer.encode(request.prompt, add_special_tokens=request.add_special_tokens))
-        strs = tuple(self._tokenizer.convert_ids_to_tokens(ids)) if request.return_token_strs else None
-        return TokenizeResult(tokens=tuple(ids), token_strs=strs, max_model_len=self._context_length)
-
-    async def detokenize(self, tokens: tuple[int, ...]) -> str:
-        """The text of token ids; see `TokenizingEngine`.
-
-        Raises:
-            InvalidRequestError: an id is outside the vocabulary.
-        """
-        check_token_ids(tokens, self._vocab_size, "tokens")
-        return str(self._tokenizer.decode(list(tokens)))
 
     def _sampling_params(self, sampling: SamplingConfig, reader: ToolCallReader | None = None) -> Any:
         from vllm import SamplingParams
