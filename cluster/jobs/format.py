@@ -9,22 +9,18 @@ has `error` and no response. A line succeeded exactly when its `response.status_
 
 from __future__ import annotations
 
-import base64
 import json
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
+from deployments.api.embeddings import embedding_body
 from deployments.api.errors import to_error_response
 from deployments.api.openai_models import (
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
-    usage,
 )
-from deployments.engines.protocol import EmbedResult
 from deployments.errors import InvalidRequestError
 from models.spec import ModelSpec
 
@@ -132,27 +128,6 @@ def validate_body(request: BatchRequest, spec: ModelSpec) -> WireRequest:
             "stream is not supported in a batch: each line gets one whole response", param="stream"
         )
     return wire
-
-
-def embedding_body(body: EmbeddingRequest, result: EmbedResult) -> dict[str, Any]:
-    """The response body of POST /v1/embeddings, as the HTTP API writes it.
-
-    Raises:
-        InvalidRequestError: `dimensions` differs from the model's size.
-    """
-    # Mirrors OpenAIIngress.embeddings, whose body is built inside the route (no function to call from here).
-    size = len(result.embeddings[0])
-    if body.dimensions is not None and body.dimensions != size:
-        raise InvalidRequestError(
-            f"This model returns {size} dimensions; `dimensions` must be {size} or unset", param="dimensions"
-        )
-    data = []
-    for i, vector in enumerate(result.embeddings):
-        value: Any = vector
-        if body.encoding_format == "base64":
-            value = base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
-        data.append({"object": "embedding", "index": i, "embedding": value})
-    return {"object": "list", "data": data, "model": body.model, "usage": usage(result.prompt_tokens)}
 
 
 def success_line(request: BatchRequest, request_id: str, body: dict[str, Any]) -> dict[str, Any]:

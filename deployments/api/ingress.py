@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import functools
 import hmac
 import logging
@@ -12,7 +11,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -22,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from deployments import cpus, timing
 from deployments.api.completions import Completion
+from deployments.api.embeddings import embedding_body
 from deployments.api.errors import to_error_response, validation_message
 from deployments.api.openai_models import (
     ChatCompletionRequest,
@@ -31,7 +30,6 @@ from deployments.api.openai_models import (
     ErrorResponse,
     ModelCard,
     ModelList,
-    usage,
 )
 from deployments.api.tokenize import (
     DetokenizeRequest,
@@ -334,18 +332,7 @@ class OpenAIIngress:
             request_id=_request_id(request), inputs=body.texts, routing_key=_session_key(spec, request, body.user)
         )
         result = await self.router.embed(body.model, embed)
-        size = len(result.embeddings[0])
-        if body.dimensions is not None and body.dimensions != size:
-            raise InvalidRequestError(
-                f"This model returns {size} dimensions; `dimensions` must be {size} or unset", param="dimensions"
-            )
-        data = []
-        for i, vector in enumerate(result.embeddings):
-            value: Any = vector
-            if body.encoding_format == "base64":
-                value = base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
-            data.append({"object": "embedding", "index": i, "embedding": value})
-        payload = {"object": "list", "data": data, "model": body.model, "usage": usage(result.prompt_tokens)}
+        payload = embedding_body(body, result)
         return JSONResponse(payload, headers=_replica_header([result.replica] if result.replica else []))
 
     async def _generate(
