@@ -58,12 +58,13 @@ k8s: install
 	$(VENV)/bin/modelfleet render-k8s
 
 # Side-by-side numbers for docs/benchmarks.md: modelfleet vs vLLM's own server vs the engine in-process
-# (SmolLM2), and MiniLM embeddings vs the transformers engine's own batching in-process.
+# (SmolLM2, cross-checked with vLLM's own load client), and MiniLM embeddings vs the transformers engine's own
+# batching in-process.
 BENCH_ARGS ?= --concurrency 1,32 --num-requests 16,96 --max-tokens 64
 BENCH_EMBED_ARGS ?= --concurrency 1,32
 bench: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/modelfleet bench --start-modelfleet deployments/configs/default.yaml \
-		--model smollm2 --compare vllm-server,in-process $(BENCH_ARGS) --log-dir /tmp/modelfleet-bench-logs \
+		--model smollm2 --compare vllm-server,in-process $(BENCH_ARGS) --vllm-bench --log-dir /tmp/modelfleet-bench-logs \
 		--out-json docs/benchmarks.json --out-png docs/benchmarks.png --out-md docs/benchmarks.md \
 		--md-title "SmolLM2-135M on vLLM (CPU): modelfleet vs vLLM's own server vs the engine in-process"
 	HF_HUB_OFFLINE=1 $(VENV)/bin/modelfleet bench --start-modelfleet deployments/configs/default.yaml \

@@ -384,8 +384,13 @@ def build_parser() -> argparse.ArgumentParser:
     # `batch` keeps its own parser too (cluster.jobs.cli).
     sub.add_parser("batch", help="batch inference over an OpenAI batch file as a Ray job (see `modelfleet batch -h`)")
     _dashboards_parser(sub)
-    # `bench` keeps its own parser (cluster.bench); everything after the word goes to it.
-    sub.add_parser("bench", help="load-test an endpoint and compare with baselines (see `modelfleet bench -h`)")
+    # `bench`: its flags are generated from its options model (cluster.bench.options); `main` hands everything
+    # after the word to cluster.bench, which parses them with the same generated parser.
+    from cluster.bench.options import add_arguments as add_bench_arguments
+
+    add_bench_arguments(
+        sub.add_parser("bench", help="load-test an endpoint and compare with baselines (see `modelfleet bench -h`)")
+    )
     return parser
 
 
@@ -395,9 +400,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
-        from cluster import bench
+        from cluster.bench.cli import main as bench
 
-        return bench.main(argv[1:])
+        return bench(argv[1:])
     if argv[:1] == ["batch"]:
         from cluster.jobs import cli as batch
 

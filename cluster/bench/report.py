@@ -1,5 +1,5 @@
-"""The report of a `cluster.bench` run: the comparison table with ratios, the machine, the PNG plot and the
-markdown section of docs/benchmarks.md.
+"""The report of a bench run: the comparison table with ratios, the machine, the PNG plot and the markdown
+section of docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from cluster.bench import TARGET
+from cluster.bench.options import TARGET
 
 __all__ = ["machine_info", "markdown_table", "write_markdown_section", "write_png"]
 
@@ -60,12 +60,20 @@ def markdown_table(systems: list[dict[str, Any]], mode: str = "chat") -> str:
             row(f"{lv} TPOT p50 (ms)", dist("tpot_s", "p50", 1000.0), ".1f")
             row(f"{lv} e2e p50 (s)", dist("e2e_s", "p50"), ".2f")
             row(f"{lv} mean output tokens", [x.get("mean_output_tokens") for x in summ], ".1f")
+        if any("vllm_bench" in (s.get("info") or {}) for s in systems):
+            crosscheck = [((s.get("info") or {}).get("vllm_bench") or {}).get(lv) or {} for s in systems]
+            row(f"{lv} output tok/s (vllm bench serve)", [x.get("output_throughput") for x in crosscheck], ".1f")
+            row(f"{lv} TTFT p50 (s) (vllm bench serve)", [_ms(x.get("median_ttft_ms")) for x in crosscheck], ".3f")
         errors = [", ".join(f"{k}: {v}" for k, v in x.get("errors", {}).items()) or "0" for x in summ]
         row(
             f"{lv} completed / errors",
             [f"{x.get('completed', '-')} / {e}" if x else None for x, e in zip(summ, errors, strict=True)],
         )
     return "\n".join(lines)
+
+
+def _ms(value: float | None) -> float | None:
+    return None if value is None else value / 1000.0
 
 
 def machine_info() -> dict[str, Any]:
@@ -138,14 +146,19 @@ def write_png(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def _load_text(plan: dict[str, Any]) -> str:
+def _load_text(plan: dict[str, Any], token_check: list[str] | None) -> str:
     prompt = (plan.get("prompts") or [""])[0]
     if plan["mode"] == "embeddings":
         return f"embeddings, one input per request ({len(prompt.split())} words: {prompt[:60]!r}...)"
-    return (
-        f"streaming {plan['mode']}, max_tokens {plan['max_tokens']}, temperature {plan['temperature']}, "
-        + f"ignore_eos {'sent' if plan['ignore_eos'] else 'not sent'} (only vLLM's server honours it)"
-    )
+    if not plan["ignore_eos"]:
+        eos = "ignore_eos off (a request may stop early at the end-of-sequence token)"
+    elif token_check is None:  # a result written before the check existed
+        eos = "ignore_eos on for every system"
+    elif token_check:
+        eos = "ignore_eos on for every system, yet NOT every request returned max_tokens: " + "; ".join(token_check)
+    else:
+        eos = "ignore_eos on for every system (every completed request returned exactly max_tokens tokens)"
+    return f"streaming {plan['mode']}, max_tokens {plan['max_tokens']}, temperature {plan['temperature']}, {eos}"
 
 
 def _requests_text(plan: dict[str, Any]) -> str:
@@ -171,7 +184,8 @@ def write_markdown_section(path: Path, title: str, results: dict[str, Any]) -> N
         f"- command: `{results['command']}`",
         f"- model: `{results['model']}` (engine {spec.get('engine', '?')}, source {spec.get('source', '?')}, "
         + f"context {spec.get('context_length')})",
-        f"- load: {_load_text(plan)}, {_requests_text(plan)} (at most {plan['duration_s']} s per level), "
+        f"- load: {_load_text(plan, results.get('token_check'))}, {_requests_text(plan)} "
+        + f"(at most {plan['duration_s']} s per level), "
         + f"{plan['warmup']} uncounted warm-up requests per level",
         *([f"- cores: {results['cpus']}"] if results.get("cpus") else []),
         "",
