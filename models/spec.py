@@ -93,11 +93,25 @@ class ScalingConfig(FrozenModel):
 
 
 class BatchingConfig(FrozenModel):
-    """Dynamic batching of concurrent requests inside one replica's engine."""
+    """Batching of concurrent requests inside one replica's engine (transformers)."""
 
-    max_batch_size: int = Field(8, ge=1, le=1024, description="Most requests run together in one batch.")
+    max_batch_size: int = Field(
+        8,
+        ge=1,
+        le=1024,
+        description=(
+            "Most requests run together: in one batch (embeddings, classification, scoring), or decoding at once "
+            "(generation, where requests join the running batch at its next step)."
+        ),
+    )
     batch_wait_timeout_s: float = Field(
-        0.01, ge=0, le=10, description="How long a batch waits for more requests before it runs (seconds)."
+        0.01,
+        ge=0,
+        le=10,
+        description=(
+            "How long an idle engine waits for more requests before it runs the first batch (seconds); a "
+            "generation batch that is already running takes new requests at its next step without waiting."
+        ),
     )
 
 

@@ -13,11 +13,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F  # noqa: N812 - the usual torch alias
-from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from deployments import cpus
-from deployments.engines.batching import BatchStats, BatchWorker, WorkItem
-from deployments.engines.decoding import GenerateJob, Sequence, sample
+from deployments.engines.batching import BatchStats, BatchWorker, StepWorker, WorkItem
+from deployments.engines.continuous import DecodeBatch
+from deployments.engines.decoding import GenerateJob
 from deployments.engines.hf_tokenizer import HFTokenizerMixin
 from deployments.engines.protocol import (
     EmbeddingEngine,
@@ -59,16 +60,17 @@ _SUPPORTED = (
 class TransformersEngine(HFTokenizerMixin, Engine, EmbeddingEngine):
     """Runs a causal LM (`task='generate'`) or an encoder (`task='embed'`) from `spec.source`.
 
-    Concurrent requests are grouped into batches of up to `spec.batching.max_batch_size` on one worker
-    thread: a left-padded prefill, then a decode loop on the KV cache. A request that finishes (or whose
-    client goes away) is dropped from the batch; requests arriving meanwhile wait for the next batch.
+    Generation batches continuously on one worker thread (`continuous.DecodeBatch`): up to
+    `spec.batching.max_batch_size` requests decode together, a new request joins the running batch at the next
+    step, and one that finishes (or whose client goes away) leaves at once. Embeddings run in batches of up to
+    that size.
     `engine_kwargs`: `num_threads` (torch CPU threads; default `resources.num_cpus`, at least 1) and `pooling`
     ('mean' or 'cls', embed only; default 'mean').
     """
 
     def __init__(self, spec: ModelSpec, plan: EnginePlan | None = None) -> None:
         super().__init__(spec, plan)
-        self._worker: BatchWorker[Any] | None = None
+        self._worker: BatchWorker[Any] | StepWorker[Any] | None = None
         self._tokenizer: Any = None  # used on the event loop: templates, encoding, validation
         self._decoder: Any = None  # a second instance for the worker thread; HF tokenizers are not thread-safe
         self._model: Any = None
@@ -110,14 +112,23 @@ class TransformersEngine(HFTokenizerMixin, Engine, EmbeddingEngine):
             raise EngineStartError(
                 f"cannot load model '{self.spec.id}' from '{self.spec.source}': {type(exc).__name__}: {exc}"
             ) from exc
-        run_batch = self._generate_batch if self.spec.task == "generate" else self._embed_batch
-        self._worker = BatchWorker(
-            f"engine:{self.spec.id}",
-            run_batch,
-            max_batch_size=self.spec.batching.max_batch_size,
-            wait_timeout_s=self.spec.batching.batch_wait_timeout_s,
-            on_start=self._pin_worker,
-        )
+        name, batching = f"engine:{self.spec.id}", self.spec.batching
+        if self.spec.task == "generate":
+            self._worker = StepWorker(
+                name,
+                self._decode_batch(),
+                max_batch_size=batching.max_batch_size,
+                wait_timeout_s=batching.batch_wait_timeout_s,
+                on_start=self._pin_worker,
+            )
+        else:
+            self._worker = BatchWorker(
+                name,
+                self._embed_batch,
+                max_batch_size=batching.max_batch_size,
+                wait_timeout_s=batching.batch_wait_timeout_s,
+                on_start=self._pin_worker,
+            )
         self._worker.start()
         logger.info(
             "model %s ready on %s (%s, context %d)", self.spec.id, self._device, self._model.dtype, self._context_length
@@ -308,54 +319,30 @@ class TransformersEngine(HFTokenizerMixin, Engine, EmbeddingEngine):
         check_context(self._context_length, len(ids), sampling, param)
         return GenerateJob(ids, sampling)
 
-    def _running_worker(self) -> BatchWorker[Any]:
+    def _running_worker(self) -> BatchWorker[Any] | StepWorker[Any]:
         if self._worker is None or not self._worker.is_alive():
             raise EngineDeadError(f"the engine for model '{self.spec.id}' is not running")
         return self._worker
 
     # -- worker thread -------------------------------------------------------------------------------
 
-    @torch.inference_mode()
+    def _decode_batch(self) -> DecodeBatch:
+        return DecodeBatch(
+            self._model,
+            self._decoder,
+            eos_ids=self._eos_ids,
+            pad_id=self._pad_id,
+            device=self._device,
+            logits_to_keep=self._logits_to_keep,
+        )
+
     def _generate_batch(self, items: list[WorkItem[GenerateJob]]) -> None:
-        sequences = [Sequence(item, self._decoder, self._eos_ids, self._device) for item in items]
-        prompts = [item.payload.prompt_ids for item in items]
-        width = max(map(len, prompts))
-        ids = torch.full((len(prompts), width), self._pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, prompt in enumerate(prompts):  # left padding: every row's next token goes in the last column
-            ids[row, width - len(prompt) :] = torch.tensor(prompt)
-            mask[row, width - len(prompt) :] = 1
-        ids, mask = ids.to(self._device), mask.to(self._device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self._model.config)
-        extra = {"logits_to_keep": 1} if self._logits_to_keep else {}
-        logits = self._model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True, **extra
-        ).logits[:, -1, :]
-        next_position = positions[:, -1:] + 1
-        while True:
-            tokens = sample(logits, sequences)
-            keep = [
-                row
-                for row, (seq, token) in enumerate(zip(sequences, tokens.tolist(), strict=True))
-                if not seq.item.cancelled and not seq.push(token)
-            ]
-            if not keep or self._worker is None or self._worker.stopping:
-                return
-            if len(keep) < len(sequences):  # drop finished rows so they cost nothing more
-                index = torch.tensor(keep, device=self._device)
-                cache.batch_select_indices(index)
-                mask, tokens, next_position = mask[index], tokens[index], next_position[index]
-                sequences = [sequences[row] for row in keep]
-            mask = torch.cat([mask, mask.new_ones((len(sequences), 1))], dim=1)
-            logits = self._model(
-                input_ids=tokens[:, None],
-                attention_mask=mask,
-                position_ids=next_position,
-                past_key_values=cache,
-                use_cache=True,
-            ).logits[:, -1, :]
-            next_position = next_position + 1
+        """Run `items` together from start to end, none joining later (what the worker does when they arrive at
+        once): a reference for tests, off the worker thread."""
+        batch = self._decode_batch()
+        batch.step(items)
+        while batch.items():
+            batch.step([])
 
     @torch.inference_mode()
     def _embed_batch(self, items: list[WorkItem[list[int]]]) -> None:
