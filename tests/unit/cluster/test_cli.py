@@ -18,7 +18,7 @@ def test_validate_reports_each_problem(tmp_path: Path, capsys: pytest.CaptureFix
     bad.write_text("models:\n  - {id: a, task: chat, engine: echo, resources: {num_gpu: 1}}\n")
     assert main(["validate", str(bad)]) == 2
     err = capsys.readouterr().err
-    assert "models.0.task" in err and "'generate' or 'embed'" in err
+    assert "models.0.task" in err and "'generate', 'embed', 'classify' or 'score'" in err
     assert "models.0.resources.num_gpu: unknown key" in err
 
 

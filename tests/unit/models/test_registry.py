@@ -41,6 +41,8 @@ def test_packaged_names_and_tasks() -> None:
         "all-minilm-l6-v2": "embed",
         "tiny-llama": "generate",
         "tiny-bert": "embed",
+        "tiny-bert-classifier": "classify",
+        "tiny-cross-encoder": "score",
     }
     for name, model in PACKAGED_MODELS.items():
         assert model.name == name and model.description
