@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from cluster.jobs.client import BatchError, BatchStatus, build_spec, cancel, job_address, logs, status, submit, wait
-from cluster.jobs.progress import Progress
-from cluster.jobs.spec import BatchJobSpec
+from deployments.batch.progress import Progress
+from deployments.batch.spec import BatchJobSpec
 
 __all__ = [
     "BatchError",

@@ -8,8 +8,6 @@ the output is not done here.
 
 from __future__ import annotations
 
-import logging
-import shlex
 import sys
 import time
 import uuid
@@ -20,9 +18,10 @@ from typing import TYPE_CHECKING
 
 from cluster.auth_token import use_token
 from cluster.deploy import _WORKING_DIR_EXCLUDES, PROJECT_ROOT
-from cluster.jobs.progress import Progress, last_progress
-from cluster.jobs.spec import BatchJobSpec, partial_path
 from cluster.local import ClusterError, ClusterState
+from deployments.batch.progress import Progress
+from deployments.batch.spec import BatchJobSpec, partial_path
+from deployments.batch.submission import JobAPIError, JobState, connect, job_state, stop_job, submit_job
 from deployments.config import ServingConfig
 from deployments.plan import PlanError, plan_model
 
@@ -41,14 +40,10 @@ __all__ = [
     "wait",
 ]
 
-_KIND = "modelfleet-batch"  # metadata `kind` of the jobs this module submits
-_TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 _POLL_S = 1.0
-# Ray's dashboard, which serves the job API, opens some seconds after the head (`modelfleet up` returns before).
+# Ray's dashboard, which serves the job API, opens some seconds after the head (`modelfleet up` returns before),
+# and its job agent registers later still.
 _CONNECT_TIMEOUT_S = 60.0
-# ...and its job agent registers later still: until then a submission is answered 500 with this text
-# (ray/dashboard/modules/job/job_head.py) and no job is created, so it is safe to send again.
-_AGENT_NOT_READY = "No available agent to submit job"
 
 
 class BatchError(ClusterError):
@@ -72,7 +67,7 @@ class BatchStatus:
     @property
     def done(self) -> bool:
         """Whether the job has ended (succeeded, failed or stopped)."""
-        return self.status in _TERMINAL
+        return JobState(self.job_id, self.status, self.message, self.progress).done
 
     @property
     def partial_output(self) -> str:
@@ -134,33 +129,18 @@ def build_spec(
     if output == source:
         raise BatchError("the output must not be the input file")
     given = {"batch_size": batch_size, "concurrency": concurrency}
-    return BatchJobSpec(
-        model=plan,
-        input=str(source),
-        output=str(output),
-        **{key: value for key, value in given.items() if value is not None},
-    )
+    fields = {key: value for key, value in given.items() if value is not None}
+    return BatchJobSpec.model_validate({"model": plan, "input": str(source), "output": str(output), **fields})
 
 
 def _client(address: str, connect_timeout_s: float = _CONNECT_TIMEOUT_S) -> JobSubmissionClient:
-    from ray.job_submission import JobSubmissionClient
-
-    # As deploy.connect does through ray.init(logging_level=WARNING): at INFO, Ray lists every file the
-    # working_dir upload skips.
-    logging.getLogger("ray").setLevel(logging.WARNING)
     # The job API checks the same token as the rest of the cluster; the client sends it only in token mode,
     # reading the file that use_token() names (ray._private.authentication.http_token_authentication).
     use_token()
-    deadline = time.monotonic() + connect_timeout_s
-    while True:
-        try:
-            return JobSubmissionClient(address)
-        except ConnectionError as exc:
-            if time.monotonic() > deadline:
-                raise BatchError(f"cannot reach the job API at {address} ({connect_timeout_s:.0f} s): {exc}") from None
-        except RuntimeError as exc:  # it answered, and refused (a wrong token, an old Ray)
-            raise BatchError(f"the job API at {address} refused this client: {exc}") from None
-        time.sleep(_POLL_S)
+    try:
+        return connect(address, timeout_s=connect_timeout_s)
+    except JobAPIError as exc:
+        raise BatchError(str(exc)) from None
 
 
 def submit(spec: BatchJobSpec, *, address: str, python: str = sys.executable) -> str:
@@ -179,47 +159,35 @@ def submit(spec: BatchJobSpec, *, address: str, python: str = sys.executable) ->
         BatchError: the job API refused the job or cannot be reached.
     """
     client = _client(address)
-    job_id = f"batch-{uuid.uuid4().hex[:12]}"
-    entrypoint = f"{shlex.quote(python)} -m cluster.jobs.entrypoint {shlex.quote(spec.model_dump_json())}"
-    deadline = time.monotonic() + _CONNECT_TIMEOUT_S
-    while True:
-        try:
-            return client.submit_job(
-                entrypoint=entrypoint,
-                submission_id=job_id,
-                runtime_env={"working_dir": str(PROJECT_ROOT), "excludes": _WORKING_DIR_EXCLUDES},
-                metadata={"kind": _KIND, "model": spec.model.spec.id, "input": spec.input, "output": spec.output},
-            )
-        except RuntimeError as exc:
-            # The SDK raises a bare RuntimeError carrying the HTTP answer, so only its text tells this case apart.
-            if _AGENT_NOT_READY not in str(exc):
-                raise BatchError(f"the job API refused the batch job: {exc}") from None
-            if time.monotonic() > deadline:
-                raise BatchError(
-                    f"the cluster's job agent did not answer in {_CONNECT_TIMEOUT_S:.0f} s. Ray's dashboard agents "
-                    "listen on port 52365 unless told otherwise: if another Ray cluster on this machine holds it, "
-                    "this one cannot take jobs (its dashboard_agent.log says 'address already in use')"
-                ) from None
-        time.sleep(_POLL_S)
+    try:
+        return submit_job(
+            client,
+            spec,
+            job_id=f"batch-{uuid.uuid4().hex[:12]}",
+            python=python,
+            runtime_env={"working_dir": str(PROJECT_ROOT), "excludes": _WORKING_DIR_EXCLUDES},
+            timeout_s=_CONNECT_TIMEOUT_S,
+        )
+    except JobAPIError as exc:
+        raise BatchError(str(exc)) from None
 
 
 def _info_status(client: JobSubmissionClient, job_id: str) -> BatchStatus:
     try:
-        info = client.get_job_info(job_id)
-        log = client.get_job_logs(job_id)
-    except RuntimeError as exc:  # the SDK raises RuntimeError for every HTTP error, 404 included
-        raise BatchError(f"job {job_id}: {exc}") from None
-    meta = info.metadata or {}
+        state: JobState = job_state(client, job_id)
+    except JobAPIError as exc:
+        raise BatchError(str(exc)) from None
+    meta = state.metadata
     return BatchStatus(
         job_id=job_id,
-        status=str(getattr(info.status, "value", info.status)),
-        message=info.message or "",
-        progress=last_progress(log),
+        status=state.status,
+        message=state.message,
+        progress=state.progress,
         model=meta.get("model", ""),
         input=meta.get("input", ""),
         output=meta.get("output", ""),
-        start_time_s=info.start_time / 1000 if info.start_time else None,
-        end_time_s=info.end_time / 1000 if info.end_time else None,
+        start_time_s=state.start_time_s,
+        end_time_s=state.end_time_s,
     )
 
 
@@ -283,9 +251,8 @@ def cancel(job_id: str, *, address: str, timeout_s: float = 60.0) -> BatchStatus
     Raises:
         BatchError: no such job, the job API failed, or the job did not end within `timeout_s`.
     """
-    client = _client(address)
     try:
-        client.stop_job(job_id)
-    except RuntimeError as exc:
-        raise BatchError(f"job {job_id}: {exc}") from None
+        stop_job(_client(address), job_id)
+    except JobAPIError as exc:
+        raise BatchError(str(exc)) from None
     return wait(job_id, address=address, timeout_s=timeout_s)

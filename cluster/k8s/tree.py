@@ -15,6 +15,7 @@ from cluster.k8s.errors import RenderError
 from cluster.k8s.manifest import dump
 from cluster.k8s.monitoring import dashboards, dashboards_config_map, pod_monitor
 from cluster.k8s.profile import RenderOptions
+from cluster.k8s.rayjob import rayjob
 from cluster.k8s.rayservice import rayservice
 from cluster.k8s.readme import readme
 from deployments.config import load_config
@@ -90,13 +91,14 @@ def render_overlay(
         raise RenderError(f"overlay name '{name}': use lowercase letters, digits and '-' (it names a folder)")
     plan = compile_plan(load_config(config_path))  # no engine cores: what build_app compiles in the cluster
     service = rayservice(plan, options)
+    job = rayjob(plan, options)
     header = f"Rendered from {source or config_path} (profile {options.profile}).\n{_DO_NOT_EDIT}"
     kustomization = {
         **_KUSTOMIZATION,
         # A directory goes under `bases`: kubectl 1.20's kustomize (v2.0.3) reads directories nowhere else;
         # newer ones still accept it (with a deprecation note).
         "bases": ["../../base"],
-        "resources": ["rayservice.yaml"],
+        "resources": ["rayservice.yaml", "rayjob.yaml"],
     }
     written = _write_base(out_dir)
     written += _write_dir(
@@ -104,6 +106,8 @@ def render_overlay(
         {
             "kustomization.yaml": dump(kustomization, header=f"Overlay {name}. {header}"),
             "rayservice.yaml": dump(service, header=header),
+            # Suspended: batch inference on a cluster of its own, started by hand (cluster/k8s/rayjob.py).
+            "rayjob.yaml": dump(job, header=header),
         },
     )
     return written

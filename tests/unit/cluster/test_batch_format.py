@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from cluster.jobs.entrypoint import index_input, read_range
-from cluster.jobs.format import (
+from deployments.api.openai_models import EmbeddingRequest
+from deployments.batch.format import (
     BatchRequest,
     LineError,
     embedding_body,
@@ -23,8 +23,8 @@ from cluster.jobs.format import (
     success_line,
     validate_body,
 )
-from cluster.jobs.progress import Progress, last_progress
-from deployments.api.openai_models import EmbeddingRequest
+from deployments.batch.job import index_input, read_range
+from deployments.batch.progress import Progress, last_progress
 from deployments.engines.protocol import EmbedResult
 from deployments.errors import EngineDeadError, InvalidRequestError
 from models.spec import ModelSpec

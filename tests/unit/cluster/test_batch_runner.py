@@ -12,8 +12,8 @@ import pytest
 
 from cluster.cli import main
 from cluster.jobs import BatchError, build_spec
-from cluster.jobs.entrypoint import index_input, read_range
-from cluster.jobs.runner import BatchRunner
+from deployments.batch.job import index_input, read_range
+from deployments.batch.runner import BatchRunner
 from deployments.config import ServingConfig
 from deployments.plan import plan_model
 from models.spec import ModelSpec

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import shlex
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -25,7 +26,9 @@ from cluster.k8s.accelerators import GPU_RESOURCE
 from cluster.k8s.auth import AUTH_SECRET, AUTH_TOKEN_KEY
 from cluster.k8s.groups import plan_worker_groups
 from cluster.k8s.profile import PROFILES
+from cluster.k8s.rayjob import BATCH_CLAIM, BATCH_MOUNT
 from cluster.k8s.serve_config import IMPORT_PATH
+from deployments.batch.spec import ENTRYPOINT_MODULE, BatchJobSpec
 from deployments.config import ServingConfig, load_config
 from deployments.plan import RAY_ENV, DeploymentPlan, compile_plan
 
@@ -160,11 +163,26 @@ def test_vendored_crds_cover_rayservice_and_rayjob() -> None:
 
 def test_ray_objects_validate_against_the_kuberay_crds(fresh: Path) -> None:
     ray_objects = [(path, doc) for path, doc in _objects(fresh) if doc["apiVersion"].startswith("ray.io/")]
-    assert {doc["kind"] for _, doc in ray_objects} == {"RayService"}
-    assert len(ray_objects) == len(COMMITTED_OVERLAYS)
+    assert {doc["kind"] for _, doc in ray_objects} == {"RayService", "RayJob"}
+    assert len(ray_objects) == 2 * len(COMMITTED_OVERLAYS)
     for path, doc in ray_objects:
         assert doc["apiVersion"] == "ray.io/v1"
         assert _crd_errors(doc) == [], path
+
+
+@pytest.mark.parametrize("name", sorted(OVERLAYS))
+def test_rayjob_runs_the_batch_entrypoint_on_a_cluster_of_its_own(name: str) -> None:
+    (job,) = _docs(K8S / "overlays" / name / "rayjob.yaml")
+    assert job["spec"]["suspend"] is True and job["spec"]["shutdownAfterJobFinishes"] is True
+    python, dash_m, module, spec_json = shlex.split(job["spec"]["entrypoint"])
+    assert (dash_m, module) == ("-m", ENTRYPOINT_MODULE)
+    spec = BatchJobSpec.model_validate_json(spec_json)
+    assert spec.model.spec.parallelism.world_size == 1 and spec.input.startswith(BATCH_MOUNT + "/")
+    cluster = job["spec"]["rayClusterSpec"]
+    pods = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for pod in (group["template"]["spec"] for group in pods):
+        assert {"name": "batch-files", "persistentVolumeClaim": {"claimName": BATCH_CLAIM}} in pod["volumes"]
+        assert all("readinessProbe" not in c for c in pod["containers"])
 
 
 @pytest.mark.parametrize(
@@ -520,6 +538,7 @@ def test_render_k8s_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
         "dashboards/modelfleet-model.json",
         "dashboards/modelfleet-overview.json",
         "overlays/mine/kustomization.yaml",
+        "overlays/mine/rayjob.yaml",
         "overlays/mine/rayservice.yaml",
         "ray-auth-secret.template.yaml",
     ]

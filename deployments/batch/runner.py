@@ -19,7 +19,9 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import numpy as np
 
-from cluster.jobs.format import (
+from deployments.api.completions import Completion
+from deployments.api.openai_models import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from deployments.batch.format import (
     BatchRequest,
     LineError,
     embedding_body,
@@ -30,8 +32,6 @@ from cluster.jobs.format import (
     success_line,
     validate_body,
 )
-from deployments.api.completions import Completion
-from deployments.api.openai_models import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from deployments.engines.protocol import EmbedRequest, GenerateChunk, GenerateRequest
 from deployments.plan import ModelPlan
 from deployments.replica import ModelReplica
@@ -82,15 +82,17 @@ class BatchRunner:
     The lines of a batch run concurrently, so an engine that batches (vLLM) gets them all at once.
     """
 
-    def __init__(self, plan_json: str) -> None:
+    def __init__(self, plan_json: str, endpoint: str | None = None) -> None:
         """Args:
             plan_json: the model's `ModelPlan` as JSON (what a replica of the model starts with).
+            endpoint: the one url every line must name (see `parse_line`); None: any url the model serves.
 
         Raises:
             EngineStartError: the engine cannot start; the job fails (no line could be answered).
         """
         plan = ModelPlan.model_validate_json(plan_json)
         self.spec = plan.spec
+        self.endpoint = endpoint
         self._closed = False
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="batch-engine-loop", daemon=True)
@@ -119,7 +121,7 @@ class BatchRunner:
     async def answer(self, line: int, raw: bytes) -> dict[str, Any]:
         """The output line for input line number `line`; never raises (every failure is the line's result)."""
         try:
-            request = parse_line(raw, line, self.spec)
+            request = parse_line(raw, line, self.spec, endpoint=self.endpoint)
         except LineError as exc:
             return error_line(exc)
         request_id = uuid.uuid4().hex

@@ -1,4 +1,4 @@
-"""The batch job's driver (`python -m cluster.jobs.entrypoint SPEC_JSON`, run by Ray's job supervisor): streams
+"""The batch job's driver (`python -m deployments.batch.job SPEC_JSON`, run by Ray's job supervisor): streams
 the input through the model's engines with Ray Data and writes one output line per input line.
 
 Rows flow input file -> byte ranges (read tasks) -> BatchRunner actors -> this driver, which appends them to
@@ -8,6 +8,7 @@ a whole result. The driver holds one block at a time: Ray Data's streaming execu
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -17,8 +18,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from cluster.jobs.progress import Progress
-from cluster.jobs.spec import BatchJobSpec, partial_path
+from deployments.batch.progress import Progress
+from deployments.batch.spec import BatchJobSpec, partial_path
 
 __all__ = ["index_input", "main", "read_range", "run"]
 
@@ -94,11 +95,16 @@ def run(spec: BatchJobSpec, on_progress: Callable[[Progress], None] = lambda p: 
     on_progress(progress)
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(partial_path(str(output)))
-    with partial.open("w", encoding="utf-8") as out:
+    errors = Path(spec.errors) if spec.errors else None
+    with contextlib.ExitStack() as files:
+        out = files.enter_context(partial.open("w", encoding="utf-8"))
+        err = files.enter_context(Path(partial_path(str(errors))).open("w", encoding="utf-8")) if errors else out
         if total:  # no request lines: no engine to start
-            progress = _answer(spec, ranges, out, progress, on_progress)
+            progress = _answer(spec, ranges, out, err, progress, on_progress)
     if progress.done != total:
         raise RuntimeError(f"{progress.done} output lines for {total} input lines; partial output in {partial}")
+    if errors:
+        os.replace(partial_path(str(errors)), errors)
     os.replace(partial, output)
     on_progress(progress)
     return progress
@@ -108,20 +114,22 @@ def _answer(
     spec: BatchJobSpec,
     ranges: list[dict[str, Any]],
     out: TextIO,
+    err: TextIO,
     progress: Progress,
     on_progress: Callable[[Progress], None],
 ) -> Progress:
-    """Stream the ranges through the model's engines and append each block of output lines to `out`."""
+    """Stream the ranges through the model's engines; append each block's lines to `out`, its failed ones to `err`
+    (which may be `out`)."""
     import ray.data
 
-    from cluster.jobs.runner import BatchRunner
+    from deployments.batch.runner import BatchRunner
 
     dataset = (
         ray.data.from_items(ranges, override_num_blocks=len(ranges))
         .flat_map(read_range)
         .map_batches(
             BatchRunner,
-            fn_constructor_args=(spec.model.model_dump_json(),),
+            fn_constructor_args=(spec.model.model_dump_json(), spec.endpoint),
             batch_size=spec.batch_size,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=spec.concurrency),
@@ -130,10 +138,15 @@ def _answer(
     )
     last_report = time.monotonic()
     for block in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-        lines = block["output"]
-        out.write("".join(f"{line}\n" for line in lines))
+        lines, failures = block["output"], block["failed"]
+        if err is out:
+            out.write("".join(f"{line}\n" for line in lines))
+        else:
+            out.write("".join(f"{line}\n" for line, bad in zip(lines, failures, strict=True) if not bad))
+            err.write("".join(f"{line}\n" for line, bad in zip(lines, failures, strict=True) if bad))
+            err.flush()
         out.flush()
-        failed = progress.failed + int(block["failed"].sum())
+        failed = progress.failed + int(failures.sum())
         progress = Progress(done=progress.done + len(lines), total=progress.total, failed=failed)
         if time.monotonic() - last_report >= _PROGRESS_EVERY_S:
             on_progress(progress)
@@ -146,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 1:
-        print("usage: python -m cluster.jobs.entrypoint SPEC_JSON", file=sys.stderr)
+        print("usage: python -m deployments.batch.job SPEC_JSON", file=sys.stderr)
         return 2
     spec = BatchJobSpec.model_validate_json(args[0])
     import ray

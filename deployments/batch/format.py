@@ -77,12 +77,15 @@ def _excerpt(raw: bytes) -> str:
     return text if len(text) <= _EXCERPT_CHARS else text[:_EXCERPT_CHARS] + "..."
 
 
-def parse_line(raw: bytes, line: int, spec: ModelSpec) -> BatchRequest:
+def parse_line(raw: bytes, line: int, spec: ModelSpec, *, endpoint: str | None = None) -> BatchRequest:
     """Parse one input line (1-based number `line`) of a batch that runs `spec`.
+
+    Args:
+        endpoint: the one url the batch's lines may name (an OpenAI batch has one); None: any url `spec` serves.
 
     Raises:
         LineError: not JSON, not an object, no custom_id, a method other than POST, a url this model does not
-            serve, or a body that is not an object.
+            serve (or not the batch's endpoint), or a body that is not an object.
     """
     try:
         data = json.loads(raw)
@@ -97,9 +100,11 @@ def parse_line(raw: bytes, line: int, spec: ModelSpec) -> BatchRequest:
     if method != "POST":
         raise LineError(f"line {line}: method must be POST, not {method!r}", code="invalid_method", custom_id=custom_id)
     url = data.get("url")
-    served = [u for u, (task, _) in URLS.items() if task == spec.task]
+    served = [u for u, (task, _) in URLS.items() if task == spec.task and endpoint in (None, u)]
     if url not in served:
         what = "is not a batch endpoint" if url not in URLS else f"is not served by model '{spec.id}' ({spec.task})"
+        if endpoint is not None and url in URLS and URLS[url][0] == spec.task:
+            what = f"is not this batch's endpoint {endpoint!r}"
         raise LineError(
             f"line {line}: url {url!r} {what}; use one of {', '.join(served)}", code="invalid_url", custom_id=custom_id
         )

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import shlex
+
 from pydantic import Field
 
 from deployments.plan import ModelPlan
 from models.spec import FrozenModel
 
-__all__ = ["BatchJobSpec", "partial_path"]
+__all__ = ["ENTRYPOINT_MODULE", "BatchJobSpec", "partial_path"]
+
+#: The module the job's driver runs (`python -m ENTRYPOINT_MODULE SPEC_JSON`).
+ENTRYPOINT_MODULE = "deployments.batch.job"
 
 
 def partial_path(output: str) -> str:
@@ -21,7 +26,20 @@ class BatchJobSpec(FrozenModel):
     model: ModelPlan = Field(description="The plan of the model that answers every line (its engine and resources).")
     input: str = Field(description="Absolute path of the input JSONL file (OpenAI batch format) on the cluster.")
     output: str = Field(description="Absolute path of the output JSONL file the job writes on the cluster.")
+    errors: str | None = Field(
+        None,
+        description="Absolute path of a second output file that takes the failed lines (OpenAI's error file); "
+        "None: every line goes to `output`.",
+    )
+    endpoint: str | None = Field(
+        None,
+        description="The one url every line must name (OpenAI's batch `endpoint`); None: any url the model serves.",
+    )
     batch_size: int = Field(
         16, ge=1, le=4096, description="Input lines per batch handed to an engine; they run concurrently."
     )
     concurrency: int = Field(1, ge=1, le=64, description="Engines (Ray Data actors) working at once, one per actor.")
+
+    def entrypoint(self, python: str) -> str:
+        """The shell command of the job's driver, run with the cluster's interpreter `python`."""
+        return f"{shlex.quote(python)} -m {ENTRYPOINT_MODULE} {shlex.quote(self.model_dump_json())}"

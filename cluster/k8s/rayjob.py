@@ -1,0 +1,106 @@
+"""The RayJob of a plan: batch inference (`deployments.batch.job`, the job `modelfleet batch` and `/v1/batches` run)
+on a Ray cluster of its own, created for the job and deleted after it.
+
+Why its own cluster (`rayClusterSpec`) rather than the RayService's (`clusterSelector`): KubeRay selects a cluster
+only by its `ray.io/cluster` name, and a RayService's RayCluster has a generated name that changes with every
+upgrade (`upgradeStrategy: NewCluster`), so no committed manifest can name it. A cluster of its own also keeps a
+long batch from taking the serving replicas' CPUs or GPUs, and costs nothing once the job ends. It is the same
+cluster the RayService would run for the batch's model alone (the same pods, groups and autoscaling), minus the
+serving readiness probe: no Serve app runs there.
+
+The job is rendered suspended: applying the overlay creates it without starting it. Put the input on the batch
+claim and resume it (`kubectl patch rayjob NAME --type merge -p '{"spec":{"suspend":false}}'`).
+"""
+
+from __future__ import annotations
+
+from pathlib import PurePosixPath
+from typing import Any
+
+from cluster.k8s.constants import APP_LABELS
+from cluster.k8s.errors import RenderError
+from cluster.k8s.profile import RenderOptions
+from cluster.k8s.rayservice import rayservice
+from deployments.batch.spec import BatchJobSpec
+from deployments.plan import DeploymentPlan, compile_plan
+
+__all__ = ["BATCH_CLAIM", "BATCH_MOUNT", "batch_model", "rayjob"]
+
+#: The PersistentVolumeClaim (ReadWriteMany: read tasks run on any pod) that holds the job's input and output.
+BATCH_CLAIM = "modelfleet-batch"
+BATCH_MOUNT = "/batch"
+_VOLUME = "batch-files"
+# The job's cluster stays this long after the job ends (its logs can still be read), then KubeRay deletes it.
+_TTL_AFTER_FINISHED_S = 600
+# KubeRay names the job's RayCluster after it, with a suffix; the same bound as a RayService's name.
+_MAX_NAME = 47
+_PYTHON = "python"  # the image's interpreter
+
+
+def batch_model(plan: DeploymentPlan) -> str:
+    """The model the RayJob runs: the config's first generating model a batch can run (one worker per engine),
+    else its first such model of any task.
+
+    Raises:
+        RenderError: every model runs tensor/pipeline parallel, which batch jobs do not.
+    """
+    single = [m.spec for m in plan.models if m.spec.parallelism.world_size == 1]
+    if not single:
+        raise RenderError("no model of the config runs on one worker: batch jobs run single-worker engines only")
+    return next((s for s in single if s.task == "generate"), single[0]).id
+
+
+def _runtime_env(working_dir: str) -> str:
+    if working_dir.startswith("local://"):
+        # Code in the image: on the path of the driver and of every Ray Data worker.
+        return f"env_vars:\n  PYTHONPATH: {working_dir.removeprefix('local://')}\n"
+    return f"working_dir: {working_dir}\n"
+
+
+def _mount(pod: dict[str, Any]) -> None:
+    for container in pod["containers"]:
+        container.pop("readinessProbe", None)  # the serving probe (/readyz): no Serve app runs here
+        container.setdefault("volumeMounts", []).append({"name": _VOLUME, "mountPath": BATCH_MOUNT})
+    pod.setdefault("volumes", []).append({"name": _VOLUME, "persistentVolumeClaim": {"claimName": BATCH_CLAIM}})
+
+
+def rayjob(plan: DeploymentPlan, options: RenderOptions) -> dict[str, Any]:
+    """The RayJob (ray.io/v1) that runs `batch_model(plan)` over `BATCH_MOUNT/input.jsonl` on the batch claim,
+    writing `output.jsonl` (answered lines) and `errors.jsonl` (failed lines) beside it.
+
+    Raises:
+        RenderError: as `rayservice` for the model's cluster, or no model a batch can run.
+    """
+    model_id = batch_model(plan)
+    config = plan.config
+    name = f"{config.name}-batch"
+    if len(name) > _MAX_NAME:
+        raise RenderError(f"the RayJob's name '{name}' is longer than {_MAX_NAME} characters: shorten the app name")
+    alone = compile_plan(config.model_copy(update={"models": tuple(m for m in config.models if m.id == model_id)}))
+    cluster = rayservice(alone, options)["spec"]["rayClusterConfig"]
+    _mount(cluster["headGroupSpec"]["template"]["spec"])  # the driver writes the output
+    for group in cluster["workerGroupSpecs"]:
+        _mount(group["template"]["spec"])  # read tasks and engines run here
+    files = PurePosixPath(BATCH_MOUNT)
+    model_plan = alone.model(model_id)
+    if model_plan is None:  # compile_plan keeps every model it is given
+        raise RenderError(f"model '{model_id}' has no plan")
+    spec = BatchJobSpec(
+        model=model_plan,
+        input=str(files / "input.jsonl"),
+        output=str(files / "output.jsonl"),
+        errors=str(files / "errors.jsonl"),
+    )
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayJob",
+        "metadata": {"name": name, "labels": dict(APP_LABELS)},
+        "spec": {
+            "suspend": True,
+            "entrypoint": spec.entrypoint(_PYTHON),
+            "runtimeEnvYAML": _runtime_env(options.working_dir),
+            "shutdownAfterJobFinishes": True,
+            "ttlSecondsAfterFinished": _TTL_AFTER_FINISHED_S,
+            "rayClusterSpec": cluster,
+        },
+    }
