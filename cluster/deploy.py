@@ -344,11 +344,19 @@ def status(state: ClusterState) -> list[DeploymentRow]:
                     resources += f" x{p.world_size} workers (tp={p.tensor_parallel_size} pp={p.pipeline_parallel_size})"
             states = ", ".join(f"{k.lower()}={v}" for k, v in sorted(dep.replica_states.items()))
             message = dep.message or (app.message if dep.status.value != "HEALTHY" else "")
-            reason = pending.get(dep_name, "") if running < max(total, 1) else ""
+            cold = spec is not None and spec.scaling.min_replicas == 0 and running == 0
+            # At zero there is nothing to place; a replica starting from zero is checked like any other.
+            reason = pending.get(dep_name, "") if running < max(total, 1) and not (cold and total == 0) else ""
             state_name = dep.status.value
             if reason:
                 state_name = "PENDING"
                 message = f"cannot be placed: {reason}"
+            elif cold:
+                # Available but cold: scaled to zero, or starting again; a request waits for a replica to start.
+                state_name = "COLD"
+                message = message or (
+                    "scaled to zero: the next request starts a replica" if total == 0 else "starting from zero"
+                )
             rows.append(
                 DeploymentRow(
                     app=app_name,
