@@ -8,9 +8,18 @@ from typing import Any
 import yaml
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 
+from deployments.pipelines.spec import PipelineSpec, plan_pipelines
+from models.settings import get_settings
 from models.spec import FrozenModel, ModelSpec
 
-__all__ = ["ConfigError", "RouterConfig", "ServingConfig", "format_validation_error", "load_config"]
+__all__ = [
+    "BatchesConfig",
+    "ConfigError",
+    "RouterConfig",
+    "ServingConfig",
+    "format_validation_error",
+    "load_config",
+]
 
 
 class ConfigError(ValueError):
@@ -36,6 +45,39 @@ class RouterConfig(FrozenModel):
     max_ongoing_requests: int = Field(1024, ge=1, description="Most requests one router replica holds at once.")
 
 
+class BatchesConfig(FrozenModel):
+    """OpenAI's Files and Batches API (`/v1/files`, `/v1/batches`): uploaded files, and batches run as Ray jobs."""
+
+    enabled: bool = Field(
+        True,
+        description="Serve `/v1/files` and `/v1/batches`. A batch runs as a Ray job, so the cluster needs Ray's job "
+        "API (its dashboard: `modelfleet up --dashboard`); without it creating a batch answers 503.",
+    )
+    files_dir: Path | None = Field(
+        None,
+        description="Absolute folder of uploaded files and batch results, on the machine of the router replica "
+        "and the batch job's driver (the same machine on a local cluster; a shared volume elsewhere). "
+        "Default: MODELFLEET_HOME/files.",
+    )
+    max_file_bytes: int = Field(
+        209_715_200, ge=1024, description="Largest file `POST /v1/files` accepts (bytes); larger uploads get a 413."
+    )
+
+    @field_validator("files_dir")
+    @classmethod
+    def _absolute(cls, path: Path | None) -> Path | None:
+        if path is not None and not path.is_absolute():
+            raise ValueError(
+                f"`files_dir` must be an absolute path, not '{path}': the router replica and the batch jobs run "
+                "in Ray's own working folders"
+            )
+        return path
+
+    def folder(self) -> Path:
+        """The files folder: `files_dir`, else MODELFLEET_HOME/files of this process's environment."""
+        return self.files_dir or get_settings().home / "files"
+
+
 class ServingConfig(FrozenModel):
     """Everything one modelfleet app serves: the models and the router in front of them."""
 
@@ -43,6 +85,14 @@ class ServingConfig(FrozenModel):
     route_prefix: str = Field("/", description="HTTP path prefix the app is served under.")
     models: tuple[ModelSpec, ...] = Field(description="The models to serve; clients pick one by its `id`.")
     router: RouterConfig = Field(default_factory=RouterConfig, description="HTTP API settings.")
+    batches: BatchesConfig = Field(
+        default_factory=BatchesConfig, description="OpenAI's Files and Batches API, backed by Ray jobs."
+    )
+    pipelines: tuple[PipelineSpec, ...] = Field(
+        (),
+        description="Virtual models composed of the models (sequence, switch, ensemble, split, fallback); clients "
+        "call each by its `id` like a model.",
+    )
 
     @field_validator("models")
     @classmethod
@@ -60,6 +110,11 @@ class ServingConfig(FrozenModel):
     def _prefix(self) -> ServingConfig:
         if not self.route_prefix.startswith("/"):
             raise ValueError("`route_prefix` must start with '/'")
+        return self
+
+    @model_validator(mode="after")
+    def _pipelines(self) -> ServingConfig:
+        plan_pipelines(self.models, self.pipelines)  # raises with the field and the fix
         return self
 
     def model(self, model_id: str) -> ModelSpec | None:

@@ -145,6 +145,15 @@ REPLICAS = MetricDef(
     ("model",),
     "replica",
 )
+PIPELINE_STEP_LATENCY = MetricDef(
+    "modelfleet_pipeline_step_seconds",
+    "histogram",
+    "One step of a pipeline (`model` is the pipeline, `step` the model it called), from the call to its answer (a "
+    "stream: to its first chunk), by `outcome`: ok, timeout, or the step's HTTP status.",
+    ("model", "step", "outcome"),
+    "router",
+    _LATENCY_BUCKETS,
+)
 METRICS: tuple[MetricDef, ...] = (
     REQUESTS,
     STREAM_ERRORS,
@@ -158,6 +167,7 @@ METRICS: tuple[MetricDef, ...] = (
     RUNNING,
     WAITING,
     REPLICAS,
+    PIPELINE_STEP_LATENCY,
 )
 
 

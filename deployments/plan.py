@@ -13,8 +13,10 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from deployments import autoscaling
 from deployments.config import ServingConfig
 from deployments.cpus import format_cpu_list, parse_cpu_list
+from deployments.pipelines.spec import PipelinePlan, plan_pipelines
 from models.spec import FrozenModel, ModelSpec
 
 __all__ = [
@@ -61,6 +63,16 @@ _GPU_MEMORY_UTILIZATION = 0.9  # vLLM's default share of a whole GPU
 # A tiny request for Ray's `accelerator_type:<name>` resource pins a bundle to such a node, exactly as the actor
 # option `accelerator_type` does.
 _ACCELERATOR_SHARE = 0.001
+
+
+# Seconds of load history each autoscaling decision averages (Serve's default: 30).
+AUTOSCALING_LOOK_BACK_S = 15.0
+# How often Serve's routers and replicas record and push their counts to the controller (Serve's default: 10 s).
+# At 10 s a request to a model at zero replicas waited up to 13 s before Serve even decided to start one (measured:
+# 2.3-12.6 s): the push a handle sends when a request queues at zero replicas carries only the counts recorded so
+# far, not that request. Serve 2.60 marks the field deprecated in favour of environment variables it does not read
+# yet, so it is still the knob (with a DeprecationWarning, hidden by default).
+AUTOSCALING_METRICS_INTERVAL_S = 2.0
 
 
 # The RequestRouter of each routing policy, by import path: Serve imports it in every process that routes to the
@@ -123,6 +135,9 @@ class DeploymentPlan(FrozenModel):
         None, description="Cores each node keeps for engine compute (a CPU list); the rest run Ray and serving."
     )
     ray_env: dict[str, str] = Field(description="Environment of every Ray process on the cluster's nodes.")
+    pipelines: tuple[PipelinePlan, ...] = Field(
+        (), description="The pipelines the router runs over the models (virtual models; no deployment of their own)."
+    )
 
     def model(self, model_id: str) -> ModelPlan | None:
         """The plan of the model with this id, or None."""
@@ -157,6 +172,7 @@ def compile_plan(config: ServingConfig, *, engine_cpus: str | None = None) -> De
         },
         engine_cpus=engine_cpus,
         ray_env=dict(RAY_ENV),
+        pipelines=plan_pipelines(config.models, config.pipelines),
     )
 
 
@@ -270,7 +286,21 @@ def _serve_options(spec: ModelSpec, bundles: list[dict[str, float]] | None) -> d
             if scaling.initial_replicas is not None
             else max(scaling.min_replicas, 1),
             "target_ongoing_requests": scaling.target_ongoing_requests,
+            "upscale_delay_s": scaling.upscale_delay_s,
+            "downscale_delay_s": scaling.downscale_delay_s,
+            "look_back_period_s": AUTOSCALING_LOOK_BACK_S,
+            "metrics_interval_s": AUTOSCALING_METRICS_INTERVAL_S,
         }
+        if scaling.policy == "queue":
+            options["autoscaling_config"]["policy"] = {
+                "policy_function": autoscaling.POLICY_PATH,
+                "policy_kwargs": {
+                    "target_ongoing_requests": scaling.target_ongoing_requests,
+                    "downscale_threshold": scaling.downscale_threshold,
+                    "upscale_step": scaling.upscale_step,
+                    "target_ttft_s": scaling.target_ttft_s,
+                },
+            }
     else:
         options["num_replicas"] = scaling.max_replicas
     return options

@@ -235,3 +235,36 @@ def test_replica_keeps_its_gauges_set(recorded: list[Any], monkeypatch: pytest.M
         replica.stopped()
 
     asyncio.run(run())
+
+
+# -- pipeline steps -----------------------------------------------------------------------------------------------
+
+
+def test_each_pipeline_step_is_timed_with_its_outcome(recorded: list[Any]) -> None:
+    from deployments.errors import OverloadedError, RequestTimeoutError
+    from deployments.pipelines.executor import Pipelines
+
+    async def answer() -> str:
+        return "ok"
+
+    async def overloaded() -> str:
+        raise OverloadedError("full")
+
+    async def never() -> str:
+        await asyncio.sleep(60)
+        return "late"
+
+    async def run() -> None:
+        limit = Pipelines._limit  # one step's call: the executor's only path to a model
+        assert await limit(None, answer(), "pipe", "small", 5.0) == "ok"  # type: ignore[arg-type]
+        with pytest.raises(OverloadedError):
+            await limit(None, overloaded(), "pipe", "small", 5.0)  # type: ignore[arg-type]
+        with pytest.raises(RequestTimeoutError):
+            await limit(None, never(), "pipe", "big", 0.01)  # type: ignore[arg-type]
+
+    asyncio.run(run())
+    steps = [
+        (tags["step"], tags["outcome"]) for name, _, tags in recorded if name == metrics.PIPELINE_STEP_LATENCY.name
+    ]
+    assert steps == [("small", "ok"), ("small", "429"), ("big", "timeout")]
+    assert all(tags["model"] == "pipe" for name, _, tags in recorded if name == metrics.PIPELINE_STEP_LATENCY.name)

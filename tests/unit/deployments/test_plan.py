@@ -98,6 +98,19 @@ def test_gpu_tensor_parallel_replica() -> None:
         "max_replicas": 3,
         "initial_replicas": 1,
         "target_ongoing_requests": 4.0,
+        "upscale_delay_s": 5.0,
+        "downscale_delay_s": 60.0,
+        "look_back_period_s": 15.0,
+        "metrics_interval_s": 2.0,
+        "policy": {
+            "policy_function": "deployments.autoscaling:QueuePolicy",
+            "policy_kwargs": {
+                "target_ongoing_requests": 4.0,
+                "downscale_threshold": 0.5,
+                "upscale_step": 2,
+                "target_ttft_s": None,
+            },
+        },
     }
     assert "num_replicas" not in model.serve_options
     kwargs = model.engine.kwargs

@@ -1,0 +1,407 @@
+"""PipelineSpec: the schema of `pipelines:` (virtual models composed of models), and the graph check at load."""
+
+from __future__ import annotations
+
+import re
+import string
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from models.spec import FrozenModel, ModelSpec
+
+__all__ = [
+    "DOCUMENTS_ROOT",
+    "TEMPLATE_FIELDS",
+    "PipelinePlan",
+    "PipelineSpec",
+    "PipelineTarget",
+    "RetrieveConfig",
+    "SwitchRule",
+    "plan_pipelines",
+]
+
+# Relative `retrieve.documents` paths are relative to the repository root: Ray's runtime_env working_dir is that
+# root on every node, and the router replica reads the files.
+DOCUMENTS_ROOT = Path(__file__).resolve().parents[2]
+# The placeholders a sequence's `template` may use.
+TEMPLATE_FIELDS = ("question", "passages", "label")
+Kind = Literal["sequence", "switch", "ensemble", "split", "fallback"]
+Task = Literal["generate", "embed", "classify", "score"]
+# What each kind reads: any other kind-specific field set on a pipeline is refused by name.
+_KIND_FIELDS: dict[str, set[str]] = {
+    "sequence": {"retrieve", "classifier", "template", "model"},
+    "switch": {"rules", "default", "classifier"},
+    "ensemble": {"targets", "merge"},
+    "split": {"targets", "sticky_header"},
+    "fallback": {"targets"},
+}
+_REQUIRED: dict[str, tuple[str, ...]] = {
+    "sequence": ("template", "model"),
+    "switch": ("rules", "default"),
+    "ensemble": ("targets", "merge"),
+    "split": ("targets",),
+    "fallback": ("targets",),
+}
+_KIND_DEFAULTS = {"sticky_header": "x-session-id"}
+_HEADER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,63}$")
+
+
+class PipelineTarget(FrozenModel):
+    """One target of a split, fallback or ensemble: a model, or another pipeline."""
+
+    model: str = Field(description="Id of a served model or of another pipeline.")
+    weight: float | None = Field(
+        None, gt=0, description="split only: this target's share of the traffic (weights are relative, e.g. 80/20)."
+    )
+
+
+class SwitchRule(FrozenModel):
+    """One rule of a switch: a single condition, and the model it sends matching requests to."""
+
+    model: str = Field(description="Where a request that matches goes: a model id or another pipeline's id.")
+    max_prompt_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Matches prompts of at most this many tokens, estimated as characters / 4 (the usual ratio "
+        "of BPE tokenizers; no tokenizer is called).",
+    )
+    header: str | None = Field(None, description="Matches on this request header's value (with `equals` or `regex`).")
+    metadata: str | None = Field(
+        None, description="Matches on this key of the chat request's `metadata` (with `equals` or `regex`)."
+    )
+    equals: str | None = Field(None, description="With `header` or `metadata`: the value that matches.")
+    regex: str | None = Field(
+        None,
+        description="A regular expression searched in the header or metadata value; alone: in the prompt (chat: "
+        "every message's content).",
+    )
+    label: str | None = Field(
+        None, description="Matches when the switch's `classifier` gives the prompt this label (its most likely class)."
+    )
+
+    @field_validator("header")
+    @classmethod
+    def _header_name(cls, value: str | None) -> str | None:
+        if value is not None and not _HEADER_NAME.match(value):
+            raise ValueError(f"`header` '{value}' is not an HTTP header name (letters, digits, '-')")
+        return value.lower() if value else value
+
+    @field_validator("regex")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"`regex` {value!r} is not a valid regular expression: {exc}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _one_condition(self) -> SwitchRule:
+        on = [n for n in ("max_prompt_tokens", "header", "metadata", "label") if getattr(self, n) is not None]
+        if self.regex is not None and not (self.header or self.metadata):
+            on.append("regex")
+        if len(on) != 1:
+            raise ValueError(
+                "a switch rule needs exactly one condition: `max_prompt_tokens`, `header`, `metadata`, `regex` or "
+                "`label` "
+                f"(this one has {on or 'none'}); split it into several rules"
+            )
+        if (self.header or self.metadata) and (self.equals is None) == (self.regex is None):
+            raise ValueError("a `header` or `metadata` rule needs exactly one of `equals` and `regex`")
+        if self.equals is not None and not (self.header or self.metadata):
+            raise ValueError("`equals` applies to a `header` or `metadata` rule: add one, or use `regex`")
+        return self
+
+    def condition(self) -> tuple[str, ...]:
+        """What the rule tests, as a comparable key (two rules with the same key: the second never matches)."""
+        if self.max_prompt_tokens is not None:
+            return ("max_prompt_tokens",)
+        if self.label is not None:
+            return ("label", self.label)
+        where = ("header", self.header) if self.header else ("metadata", self.metadata) if self.metadata else ()
+        return (*where, "equals" if self.equals is not None else "regex", str(self.equals or self.regex))
+
+
+class RetrieveConfig(FrozenModel):
+    """A sequence's retrieval step: embed the question, take the nearest passages of a document set."""
+
+    model: str = Field(description="The embedding model (task 'embed') that embeds the documents and the question.")
+    documents: str = Field(
+        description="A text/markdown file, or a folder of them (*.md, *.txt), relative to the repository root or "
+        "absolute. Passages are the paragraphs (split at blank lines); they are embedded once per router replica, "
+        "on the pipeline's first request, and kept in that replica."
+    )
+    top_k: int = Field(3, ge=1, le=64, description="How many passages go into the prompt, nearest first.")
+    max_passages: int = Field(4096, ge=1, description="Most passages the document set may hold (refused at start).")
+
+    @field_validator("documents")
+    @classmethod
+    def _exists(cls, value: str) -> str:
+        path = resolve_documents(value)
+        if not path.exists():
+            raise ValueError(
+                f"`documents` '{value}' does not exist (looked at {path}): give a file or folder of passages, "
+                "absolute or relative to the repository root"
+            )
+        return value
+
+    def path(self) -> Path:
+        """The document file or folder."""
+        return resolve_documents(self.documents)
+
+
+def resolve_documents(value: str) -> Path:
+    """A document path: absolute as given, else under the repository root."""
+    path = Path(value)
+    return path if path.is_absolute() else DOCUMENTS_ROOT / path
+
+
+class PipelineSpec(FrozenModel):
+    """A virtual model composed of served models; clients call it by its `id` like any model."""
+
+    id: str = Field(description="The name clients send in the `model` field; must differ from every model's id.")
+    kind: Kind = Field(
+        description=(
+            "'sequence': retrieve passages, fill `template`, answer with `model`. 'switch': the first rule that "
+            "matches picks the target, else `default`. 'ensemble': every target at once, outputs merged by `merge` "
+            "(embeddings). 'split': weighted traffic split, sticky per user. 'fallback': the first target, and "
+            "the next one when it answers 429/503, times out or dies before its first token."
+        )
+    )
+    description: str | None = Field(None, description="What the pipeline is for (shown in /v1/models).")
+    targets: tuple[PipelineTarget, ...] | None = Field(
+        None, description="split, fallback, ensemble: the targets (fallback: in the order tried)."
+    )
+    rules: tuple[SwitchRule, ...] | None = Field(None, description="switch: the rules, tried in order.")
+    default: str | None = Field(None, description="switch: where a request that matches no rule goes.")
+    model: str | None = Field(None, description="sequence: the model (or pipeline) that answers the filled prompt.")
+    retrieve: RetrieveConfig | None = Field(None, description="sequence: the retrieval step.")
+    classifier: str | None = Field(
+        None,
+        description="switch, sequence: a classification model (task 'classify') that labels the prompt first; "
+        "switch rules match its label (`label`), a sequence's template gets it as `{label}`.",
+    )
+    template: str | None = Field(
+        None,
+        description="sequence: the prompt sent to `model`, with `{question}` (the client's last user message or "
+        "prompt), `{passages}` (the retrieved passages, one per paragraph) and `{label}` (the `classifier`'s label). "
+        "Literal braces are doubled.",
+    )
+    merge: Literal["concatenate", "average"] | None = Field(
+        None, description="ensemble of embedding models: join the vectors, or average them (equal sizes)."
+    )
+    sticky_header: str | None = Field(
+        None,
+        description="split: the request header that keys a session (default x-session-id); without it the "
+        "request's `user` field does; without either each request is drawn at random by weight.",
+    )
+    step_timeout_s: float | None = Field(
+        None,
+        gt=0,
+        description="Longest one step may take (a stream: until its first token) before it fails with a 408 "
+        "(fallback: the next target is tried). Default: the router's request_timeout_s.",
+    )
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> PipelineSpec:
+        own = _KIND_FIELDS[self.kind]
+        for name in set().union(*_KIND_FIELDS.values()) - own:
+            if getattr(self, name) is not None:
+                raise ValueError(f"`{name}` does not apply to a '{self.kind}' pipeline: remove it")
+        for name in _REQUIRED[self.kind]:
+            if not getattr(self, name):
+                raise ValueError(f"a '{self.kind}' pipeline needs `{name}`")
+        targets = self.targets or ()
+        least = 1 if self.kind == "fallback" else 2
+        if self.kind in ("split", "fallback", "ensemble") and len(targets) < max(least, 2):
+            raise ValueError(f"a '{self.kind}' pipeline needs at least 2 `targets`")
+        weighted = [t.weight is not None for t in targets]
+        if self.kind == "split" and not all(weighted):
+            raise ValueError("every target of a split needs a `weight` (e.g. 80 and 20)")
+        if self.kind != "split" and any(weighted):
+            raise ValueError(f"`weight` applies to split targets only: remove it from this '{self.kind}' pipeline")
+        seen = [t.model for t in targets]
+        if len(set(seen)) != len(seen):
+            raise ValueError("a target appears twice in `targets`: list each once (split: add up its weights)")
+        if self.kind == "sequence":
+            self._check_template()
+        labels = [r.label for r in self.rules or () if r.label is not None]
+        if self.kind == "switch" and bool(labels) != (self.classifier is not None):
+            raise ValueError(
+                "a `label` rule needs the switch's `classifier`: add one"
+                if labels
+                else "the `classifier` step is unreachable: no rule matches on `label`; add one or drop classifier"
+            )
+        return self
+
+    def _check_template(self) -> None:
+        try:
+            names = {f for _, f, _, _ in string.Formatter().parse(self.template or "") if f is not None}
+        except ValueError as exc:
+            raise ValueError(f"`template` is not a valid template ({exc}): double literal braces ({{{{ }}}})") from None
+        unknown = names - set(TEMPLATE_FIELDS)
+        if unknown:
+            raise ValueError(
+                f"`template` uses {sorted(unknown)}; it may use only {{question}}, {{passages}} and {{label}}"
+            )
+        if "question" not in names:
+            raise ValueError("`template` must contain {question}, or the client's question is lost")
+        if ("passages" in names) != (self.retrieve is not None):
+            raise ValueError(
+                "`template` uses {passages} without a `retrieve` step"
+                if self.retrieve is None
+                else "the `retrieve` step is unreachable: `template` never uses {passages}; add it or drop retrieve"
+            )
+        if ("label" in names) != (self.classifier is not None):
+            raise ValueError(
+                "`template` uses {label} without a `classifier`"
+                if self.classifier is None
+                else "the `classifier` step is unreachable: `template` never uses {label}; add it or drop classifier"
+            )
+
+    @property
+    def sticky(self) -> str:
+        """split: the session header."""
+        return (self.sticky_header or _KIND_DEFAULTS["sticky_header"]).lower()
+
+    def edges(self) -> list[tuple[str, str]]:
+        """Each target this pipeline may call: (field path inside the pipeline, model or pipeline id)."""
+        out = [(f"targets.{i}.model", t.model) for i, t in enumerate(self.targets or ())]
+        out += [(f"rules.{i}.model", r.model) for i, r in enumerate(self.rules or ())]
+        if self.default:
+            out.append(("default", self.default))
+        if self.retrieve:
+            out.append(("retrieve.model", self.retrieve.model))
+        if self.classifier:
+            out.append(("classifier", self.classifier))
+        if self.model:
+            out.append(("model", self.model))
+        return out
+
+    def steps(self) -> list[str]:
+        """The ids this pipeline calls, in order, each once (what /v1/models shows)."""
+        return list(dict.fromkeys(target for _, target in self.edges()))
+
+
+class PipelinePlan(FrozenModel):
+    """One pipeline as the router runs it: its spec, the task it serves and every model it may reach."""
+
+    spec: PipelineSpec
+    task: Task = Field(description="The task the pipeline serves, from its targets ('generate', 'embed', ...).")
+    models: tuple[str, ...] = Field(description="Every served model the pipeline may call, through nested ones too.")
+
+
+def plan_pipelines(models: Sequence[ModelSpec], pipelines: Iterable[PipelineSpec]) -> tuple[PipelinePlan, ...]:
+    """Check the pipeline graph against the models and give each pipeline's task and reachable models.
+
+    Raises:
+        ValueError: a pipeline id is taken, a target is unknown, pipelines call each other in a cycle, a step
+            serves the wrong task, or a rule can never match; the message names the field and the fix.
+    """
+    tasks: dict[str, str] = {m.id: m.task for m in models}
+    specs = list(pipelines)
+    index: dict[str, int] = {}
+    for i, p in enumerate(specs):
+        if p.id in tasks:
+            raise ValueError(f"pipelines.{i}.id: '{p.id}' is also a model id: give the pipeline its own id")
+        if p.id in index:
+            raise ValueError(f"pipelines.{i}.id: '{p.id}' appears twice: every pipeline needs its own id")
+        index[p.id] = i
+    for i, p in enumerate(specs):
+        for where, target in p.edges():
+            if target not in tasks and target not in index:
+                raise ValueError(
+                    f"pipelines.{i}.{where}: '{target}' is neither a model nor a pipeline; use one of "
+                    f"{sorted([*tasks, *index])} or add it under `models:`"
+                )
+        _check_unreachable(i, p)
+    planned: dict[str, PipelinePlan] = {}
+
+    def visit(pid: str, trail: tuple[str, ...]) -> PipelinePlan:
+        if pid in trail:
+            cycle = " -> ".join([*trail[trail.index(pid) :], pid])
+            raise ValueError(
+                f"pipelines.{index[pid]}: the pipelines call each other in a cycle ({cycle}); "
+                "point one of them at a model"
+            )
+        if pid in planned:
+            return planned[pid]
+        i, spec = index[pid], specs[index[pid]]
+        reach: list[str] = []
+        step_task: dict[str, str] = {}
+        for where, target in spec.edges():
+            if target in index:
+                sub = visit(target, (*trail, pid))
+                step_task[where], reach = sub.task, [*reach, *sub.models]
+            else:
+                step_task[where], reach = tasks[target], [*reach, target]
+        plan = PipelinePlan(spec=spec, task=_task_of(i, spec, step_task), models=tuple(dict.fromkeys(reach)))
+        planned[pid] = plan
+        return plan
+
+    return tuple(visit(p.id, ()) for p in specs)
+
+
+def _task_of(i: int, spec: PipelineSpec, step_task: dict[str, str]) -> Task:
+    """The pipeline's task; raises ValueError where a step serves the wrong one."""
+    where = f"pipelines.{i}"
+    classifier = step_task.pop("classifier", None)
+    if classifier is not None and classifier != "classify":
+        raise ValueError(
+            f"{where}.classifier: '{spec.classifier}' serves task '{classifier}'; the classifier step needs a "
+            "classification model (task 'classify')"
+        )
+    if spec.kind == "sequence":
+        if spec.retrieve is not None and step_task["retrieve.model"] != "embed":
+            raise ValueError(
+                f"{where}.retrieve.model: '{spec.retrieve.model}' serves task '{step_task['retrieve.model']}'; "
+                "retrieval needs an embedding model (task 'embed')"
+            )
+        if step_task["model"] != "generate":
+            raise ValueError(
+                f"{where}.model: '{spec.model}' serves task '{step_task['model']}'; a sequence answers with a chat "
+                "model (task 'generate')"
+            )
+        return "generate"
+    first_where, first = next(iter(step_task.items()))
+    for path, task in step_task.items():
+        if task != first:
+            raise ValueError(
+                f"{where}.{path}: serves task '{task}' but {where}.{first_where} serves '{first}': every target "
+                "of a pipeline must serve the same task"
+            )
+    if spec.kind == "ensemble" and first != "embed":
+        raise ValueError(
+            f"{where}.targets: an ensemble merges embeddings; its targets serve task '{first}' (use a split or "
+            "fallback for other tasks)"
+        )
+    if spec.kind in ("split", "fallback", "switch") and first not in ("generate", "embed"):
+        raise ValueError(f"{where}: a '{spec.kind}' pipeline serves 'generate' or 'embed' models, not '{first}'")
+    return first  # type: ignore[return-value]  # one of the model tasks, checked above
+
+
+def _check_unreachable(i: int, spec: PipelineSpec) -> None:
+    """A switch rule that an earlier rule always pre-empts can never be reached."""
+    seen: dict[tuple[str, ...], int] = {}
+    largest: tuple[int, int] | None = None  # (limit, rule index) of the widest length rule so far
+    for j, rule in enumerate(spec.rules or ()):
+        limit = rule.max_prompt_tokens
+        if limit is not None:
+            if largest is not None and limit <= largest[0]:
+                raise ValueError(
+                    f"pipelines.{i}.rules.{j}: unreachable, rule {largest[1]} comes first and already takes every "
+                    f"prompt of at most {largest[0]} tokens: put length rules in order from the smallest limit up"
+                )
+            largest = (limit, j)
+            continue
+        key = rule.condition()
+        if key in seen:
+            raise ValueError(
+                f"pipelines.{i}.rules.{j}: unreachable, rule {seen[key]} has the same condition and comes first; "
+                "remove one"
+            )
+        seen[key] = j

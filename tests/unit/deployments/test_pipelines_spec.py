@@ -1,0 +1,240 @@
+"""The `pipelines:` schema and its graph check at load: each refusal names the field and the fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deployments.config import ConfigError, ServingConfig, load_config
+from deployments.plan import compile_plan
+
+ROOT = Path(__file__).resolve().parents[3]
+MODELS = [
+    {"id": "chat-a", "task": "generate", "engine": "echo"},
+    {"id": "chat-b", "task": "generate", "engine": "echo"},
+    {"id": "emb-a", "task": "embed", "engine": "echo"},
+    {"id": "emb-b", "task": "embed", "engine": "echo", "engine_kwargs": {"dimensions": 8}},
+]
+
+
+def _config(*pipelines: dict[str, Any]) -> ServingConfig:
+    return ServingConfig.model_validate({"models": MODELS, "pipelines": list(pipelines)})
+
+
+def _refused(*pipelines: dict[str, Any]) -> str:
+    with pytest.raises(ValueError) as info:
+        _config(*pipelines)
+    return str(info.value)
+
+
+def _split(pid: str = "canary", a: str = "chat-a", b: str = "chat-b") -> dict[str, Any]:
+    return {"id": pid, "kind": "split", "targets": [{"model": a, "weight": 80}, {"model": b, "weight": 20}]}
+
+
+def test_every_kind_validates_and_compiles_into_the_plan() -> None:
+    config = _config(
+        _split(),
+        {"id": "safe", "kind": "fallback", "targets": [{"model": "canary"}, {"model": "chat-b"}]},
+        {
+            "id": "router",
+            "kind": "switch",
+            "rules": [
+                {"max_prompt_tokens": 8, "model": "chat-a"},
+                {"header": "x-tier", "equals": "gold", "model": "safe"},
+                {"metadata": "lang", "regex": "^de", "model": "chat-b"},
+                {"regex": "(?i)code", "model": "chat-b"},
+            ],
+            "default": "chat-a",
+        },
+        {
+            "id": "rag",
+            "kind": "sequence",
+            "retrieve": {"model": "emb-a", "documents": "docs/rag"},
+            "template": "Context:\n{passages}\n\nQ: {question}",
+            "model": "router",
+        },
+        {"id": "both", "kind": "ensemble", "targets": [{"model": "emb-a"}, {"model": "emb-b"}], "merge": "concatenate"},
+    )
+    plan = {p.spec.id: p for p in compile_plan(config).pipelines}
+    assert {pid: p.task for pid, p in plan.items()} == {
+        "canary": "generate",
+        "safe": "generate",
+        "router": "generate",
+        "rag": "generate",
+        "both": "embed",
+    }
+    # Nested pipelines count: every model reachable through them.
+    assert plan["rag"].models == ("emb-a", "chat-a", "chat-b")
+    assert plan["rag"].spec.steps() == ["emb-a", "router"]
+
+
+def test_unknown_target_names_the_field_and_the_choices() -> None:
+    message = _refused(_split(b="chat-c"))
+    assert "pipelines.0.targets.1.model: 'chat-c' is neither a model nor a pipeline" in message
+    assert "'chat-b'" in message and "add it under `models:`" in message
+
+
+def test_cycle_is_refused_with_its_path() -> None:
+    message = _refused(
+        {"id": "p", "kind": "fallback", "targets": [{"model": "chat-a"}, {"model": "q"}]},
+        {"id": "q", "kind": "fallback", "targets": [{"model": "p"}, {"model": "chat-b"}]},
+    )
+    assert "cycle (p -> q -> p)" in message and "point one of them at a model" in message
+
+
+def test_task_mismatch_embedding_model_as_a_chat_step() -> None:
+    message = _refused(
+        {"id": "rag", "kind": "sequence", "template": "{question}", "model": "emb-a"},
+    )
+    assert "pipelines.0.model: 'emb-a' serves task 'embed'" in message and "task 'generate'" in message
+    message = _refused(_split(b="emb-a"))
+    assert "pipelines.0.targets.1.model: serves task 'embed'" in message and "same task" in message
+    message = _refused(
+        {
+            "id": "rag",
+            "kind": "sequence",
+            "retrieve": {"model": "chat-a", "documents": "docs/rag"},
+            "template": "{passages} {question}",
+            "model": "chat-b",
+        }
+    )
+    assert "pipelines.0.retrieve.model: 'chat-a' serves task 'generate'" in message
+    message = _refused(
+        {"id": "e", "kind": "ensemble", "targets": [{"model": "chat-a"}, {"model": "chat-b"}], "merge": "average"}
+    )
+    assert "an ensemble merges embeddings" in message
+
+
+def test_unreachable_rules_and_steps_are_refused() -> None:
+    rules = [{"max_prompt_tokens": 100, "model": "chat-a"}, {"max_prompt_tokens": 50, "model": "chat-b"}]
+    message = _refused({"id": "s", "kind": "switch", "rules": rules, "default": "chat-a"})
+    assert "pipelines.0.rules.1: unreachable" in message and "smallest limit up" in message
+    rules = [{"regex": "x", "model": "chat-a"}, {"regex": "x", "model": "chat-b"}]
+    assert "pipelines.0.rules.1: unreachable" in _refused(
+        {"id": "s", "kind": "switch", "rules": rules, "default": "chat-a"}
+    )
+    # A retrieval step whose passages the template never uses.
+    message = _refused(
+        {
+            "id": "rag",
+            "kind": "sequence",
+            "retrieve": {"model": "emb-a", "documents": "docs/rag"},
+            "template": "{question}",
+            "model": "chat-a",
+        }
+    )
+    assert "`retrieve` step is unreachable" in message
+
+
+def test_pipeline_id_colliding_with_a_model_id() -> None:
+    message = _refused(_split(pid="chat-a"))
+    assert "pipelines.0.id: 'chat-a' is also a model id" in message
+
+
+def test_fields_of_another_kind_and_missing_fields_are_named() -> None:
+    assert "`merge` does not apply to a 'split' pipeline" in _refused({**_split(), "merge": "average"})
+    assert "needs `default`" in _refused({"id": "s", "kind": "switch", "rules": [{"regex": "a", "model": "chat-a"}]})
+    assert "needs a `weight`" in _refused(
+        {"id": "c", "kind": "split", "targets": [{"model": "chat-a", "weight": 1}, {"model": "chat-b"}]}
+    )
+    assert "at least 2 `targets`" in _refused({"id": "f", "kind": "fallback", "targets": [{"model": "chat-a"}]})
+    assert "exactly one condition" in _refused(
+        {"id": "s", "kind": "switch", "rules": [{"model": "chat-a"}], "default": "chat-a"}
+    )
+    assert "{passages}" in _refused(
+        {"id": "q", "kind": "sequence", "template": "{passages}{question}", "model": "chat-a"}
+    )
+    assert "may use only" in _refused({"id": "q", "kind": "sequence", "template": "{question}{x}", "model": "chat-a"})
+    message = _refused(
+        {
+            "id": "q",
+            "kind": "sequence",
+            "retrieve": {"model": "emb-a", "documents": "nowhere/at-all"},
+            "template": "{passages}{question}",
+            "model": "chat-a",
+        }
+    )
+    assert "`documents` 'nowhere/at-all' does not exist" in message
+
+
+def test_load_config_reports_the_pipeline_field(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "models:\n  - {id: a, task: generate, engine: echo}\n"
+        "pipelines:\n  - {id: p, kind: fallback, targets: [{model: a}, {model: zz}]}\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert "pipelines.0.targets.1.model: 'zz' is neither a model nor a pipeline" in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["rag.yaml", "canary.yaml"])
+def test_shipped_pipeline_examples_validate(name: str) -> None:
+    config = load_config(ROOT / "deployments" / "configs" / name)
+    assert config.pipelines
+    assert compile_plan(config).pipelines
+
+
+CLASSIFIER = {"id": "clf", "task": "classify", "engine": "transformers", "source": "tiny-bert-classifier"}
+
+
+def _with_classifier(*pipelines: dict[str, Any]) -> ServingConfig:
+    return ServingConfig.model_validate({"models": [*MODELS, CLASSIFIER], "pipelines": list(pipelines)})
+
+
+def test_classifier_steps_in_a_switch_and_a_sequence() -> None:
+    config = _with_classifier(
+        {
+            "id": "by-mood",
+            "kind": "switch",
+            "classifier": "clf",
+            "rules": [{"label": "negative", "model": "chat-b"}, {"label": "positive", "model": "chat-a"}],
+            "default": "chat-a",
+        },
+        {
+            "id": "tagged",
+            "kind": "sequence",
+            "classifier": "clf",
+            "template": "[{label}] {question}",
+            "model": "chat-a",
+        },
+    )
+    plans = {p.spec.id: p for p in compile_plan(config).pipelines}
+    assert plans["by-mood"].task == "generate" and plans["by-mood"].models == ("chat-b", "chat-a", "clf")
+    assert plans["tagged"].spec.steps() == ["clf", "chat-a"]
+
+
+def test_classifier_mistakes_are_named() -> None:
+    def refused(*pipelines: dict[str, Any]) -> str:
+        with pytest.raises(ValueError) as info:
+            _with_classifier(*pipelines)
+        return str(info.value)
+
+    rules = [{"label": "negative", "model": "chat-b"}]
+    assert "needs the switch's `classifier`" in refused(
+        {"id": "s", "kind": "switch", "rules": rules, "default": "chat-a"}
+    )
+    message = refused(
+        {
+            "id": "s",
+            "kind": "switch",
+            "classifier": "clf",
+            "rules": [{"regex": "x", "model": "chat-b"}],
+            "default": "chat-a",
+        }
+    )
+    assert "`classifier` step is unreachable" in message
+    message = refused({"id": "s", "kind": "switch", "classifier": "emb-a", "rules": rules, "default": "chat-a"})
+    assert "pipelines.0.classifier: 'emb-a' serves task 'embed'" in message and "task 'classify'" in message
+    assert "{label} without a `classifier`" in refused(
+        {"id": "q", "kind": "sequence", "template": "{label} {question}", "model": "chat-a"}
+    )
+    assert "`classifier` step is unreachable" in refused(
+        {"id": "q", "kind": "sequence", "classifier": "clf", "template": "{question}", "model": "chat-a"}
+    )
+    labels = [{"label": "a", "model": "chat-a"}, {"label": "a", "model": "chat-b"}]
+    assert "rules.1: unreachable" in refused(
+        {"id": "s", "kind": "switch", "classifier": "clf", "rules": labels, "default": "chat-a"}
+    )
