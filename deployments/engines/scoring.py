@@ -6,24 +6,19 @@ Imported only inside replica processes (it pulls in torch and transformers).
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import inspect
-import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForSequenceClassification
 
-from deployments import cpus
-from deployments.engines.batching import BatchWorker, WorkItem
-from deployments.engines.hf_tokenizer import HFTokenizerMixin
+from deployments.engines.batching import BatchWorker, StepWorker, WorkItem
 from deployments.engines.protocol import (
     Classification,
     ClassifyRequest,
     ClassifyResult,
-    Engine,
     GenerateChunk,
     GenerateRequest,
     PoolingOptions,
@@ -32,17 +27,12 @@ from deployments.engines.protocol import (
     ScoringEngine,
     check_token_ids,
 )
-from deployments.errors import EngineDeadError, EngineStartError, InvalidRequestError
+from deployments.engines.torch_model import TorchModelEngine
+from deployments.errors import EngineStartError, InvalidRequestError
 from deployments.plan import EnginePlan
 from models.spec import ModelSpec
 
 __all__ = ["SequenceClassificationEngine"]
-
-logger = logging.getLogger(__name__)
-
-_ALLOWED_KWARGS = ("num_threads",)
-_SHUTDOWN_TIMEOUT_S = 10.0
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +44,7 @@ class _Row:
     activate: bool
 
 
-class SequenceClassificationEngine(HFTokenizerMixin, Engine, ScoringEngine):
+class SequenceClassificationEngine(TorchModelEngine, ScoringEngine):
     """Runs `AutoModelForSequenceClassification` from `spec.source`: one forward pass per batch of inputs.
 
     The activation follows vLLM's (and transformers' loss) convention: `problem_type` when the config sets it,
@@ -66,77 +56,14 @@ class SequenceClassificationEngine(HFTokenizerMixin, Engine, ScoringEngine):
 
     def __init__(self, spec: ModelSpec, plan: EnginePlan | None = None) -> None:
         super().__init__(spec, plan)
-        self._worker: BatchWorker[_Row] | None = None
-        self._tokenizer: Any = None  # used on the event loop only: HF tokenizers are not thread-safe
-        self._model: Any = None
-        self._device = torch.device("cpu")
-        self._context_length = 0
-        self._vocab_size = 0
-        self._pad_id = 0
         self._labels: dict[int, str] = {}
         self._activation = "softmax"
         self._type_ids = False
 
     @property
-    def context_length(self) -> int:
-        """Most tokens per input (a pair counts as one input); known after `start`."""
-        return self._context_length
-
-    @property
     def activation(self) -> str:
         """'softmax', 'sigmoid' or 'identity': what `use_activation` applies; known after `start`."""
         return self._activation
-
-    async def start(self) -> None:
-        """Resolve the source, load tokenizer and model, and start the batching worker.
-
-        Raises:
-            EngineStartError: bad `engine_kwargs`, the model cannot be loaded, or it does not fit the task.
-        """
-        options = self._check_engine_kwargs()
-        try:
-            await asyncio.to_thread(self._load, options)
-        except EngineStartError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - any loader failure becomes one typed error
-            raise EngineStartError(
-                f"cannot load model '{self.spec.id}' from '{self.spec.source}': {type(exc).__name__}: {exc}"
-            ) from exc
-        self._worker = BatchWorker(
-            f"engine:{self.spec.id}",
-            self._run_batch,
-            max_batch_size=self.spec.batching.max_batch_size,
-            wait_timeout_s=self.spec.batching.batch_wait_timeout_s,
-            on_start=self._pin_worker,
-        )
-        self._worker.start()
-        logger.info(
-            "model %s ready on %s (%d labels, %s, context %d)",
-            self.spec.id,
-            self._device,
-            self._model.config.num_labels,
-            self._activation,
-            self._context_length,
-        )
-
-    def _pin_worker(self) -> None:
-        """On CPU, compute on the engine cores of the plan (the node's CPU split), if any."""
-        reserved = cpus.parse_cpu_list(self.plan.cpus) if self.plan.cpus else None
-        if reserved and self._device.type == "cpu" and cpus.pin_current_thread(reserved):
-            logger.info("model %s computes on cores %s", self.spec.id, cpus.format_cpu_list(reserved))
-
-    async def check_health(self) -> None:
-        """Return if the worker thread runs.
-
-        Raises:
-            EngineDeadError: the engine was never started, was shut down, or its worker thread died.
-        """
-        self._running_worker()
-
-    async def shutdown(self) -> None:
-        """Stop the worker (bounded wait) and fail queued requests with `EngineDeadError`."""
-        if self._worker is not None:
-            await asyncio.to_thread(self._worker.stop, _SHUTDOWN_TIMEOUT_S)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         """A classifier does not generate.
@@ -171,7 +98,7 @@ class SequenceClassificationEngine(HFTokenizerMixin, Engine, ScoringEngine):
                 ids = _cut(list(value), limit, options.truncation_side)
             self._check_length(ids, index, "input")
             rows.append(_Row(ids, None, options.use_activation is not False))
-        outputs = await self._run(rows)
+        outputs: list[tuple[float, ...]] = await self._run_all(rows)
         classifications = tuple(
             Classification(probs=out, label=self._labels.get(max(range(len(out)), key=out.__getitem__)))
             for out in outputs
@@ -208,42 +135,16 @@ class SequenceClassificationEngine(HFTokenizerMixin, Engine, ScoringEngine):
             ids, type_ids = self._encode(query, document, True, limit, options)
             self._check_length(ids, index, second if len(request.queries) == 1 else first)
             rows.append(_Row(ids, type_ids, options.use_activation is not False))
-        outputs = await self._run(rows)
+        outputs: list[tuple[float, ...]] = await self._run_all(rows)
         return ScoreResult(scores=tuple(out[0] for out in outputs), prompt_tokens=sum(len(r.ids) for r in rows))
 
     # -- loading -------------------------------------------------------------------------------------
 
-    def _check_engine_kwargs(self) -> dict[str, Any]:
-        options = dict(self.spec.engine_kwargs)
-        unknown = sorted(set(options) - set(_ALLOWED_KWARGS))
-        if unknown:
-            raise EngineStartError(
-                f"unknown engine_kwargs {unknown} for engine 'transformers' with task '{self.spec.task}'; "
-                f"allowed: {', '.join(_ALLOWED_KWARGS)}"
-            )
-        threads = options.get("num_threads")
-        if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
-            raise EngineStartError(f"engine_kwargs.num_threads must be an integer >= 1, got {threads!r}")
-        return options
+    def _engine_label(self) -> str:
+        return f"engine 'transformers' with task '{self.spec.task}'"
 
     def _load(self, options: dict[str, Any]) -> None:
-        from models.registry import resolve_source  # lazy: the registry may build tiny models on demand
-
-        path = resolve_source(str(self.spec.source))  # ModelSpec requires a source for this engine
-        wants_gpu = self.spec.resources.num_gpus > 0
-        if wants_gpu and not torch.cuda.is_available():
-            logger.warning("model %s asks for GPUs but CUDA is not available; running on CPU", self.spec.id)
-        self._device = torch.device("cuda" if wants_gpu and torch.cuda.is_available() else "cpu")
-        if self.spec.dtype == "auto":
-            dtype = torch.bfloat16 if self._device.type == "cuda" else torch.float32
-        else:
-            dtype = _DTYPES[self.spec.dtype]
-        # One torch thread per reserved CPU, as in the transformers engine (more spin against the node's others).
-        torch.set_num_threads(options.get("num_threads") or max(1, round(self.spec.resources.num_cpus)))
-
-        self._tokenizer = AutoTokenizer.from_pretrained(path)
-        model: Any = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype)
-        self._model = model.to(self._device).eval()
+        self._load_model(AutoModelForSequenceClassification, options)
         config = self._model.config
         if self.spec.task == "score" and config.num_labels != 1:
             raise EngineStartError(
@@ -260,18 +161,16 @@ class SequenceClassificationEngine(HFTokenizerMixin, Engine, ScoringEngine):
         # leave them out unless asked.
         self._type_ids = "token_type_ids" in inspect.signature(self._model.forward).parameters
 
-    def _resolve_context_length(self) -> int:
-        limit = getattr(self._model.config, "max_position_embeddings", None)
-        wanted = self.spec.context_length
-        if wanted is not None and limit is not None and wanted > limit:
-            raise EngineStartError(
-                f"context_length {wanted} is above the model's max_position_embeddings ({limit}): lower it"
-            )
-        if wanted is not None:
-            return wanted
-        if limit is None:
-            raise EngineStartError(f"model '{self.spec.id}' does not state its context length: set context_length")
-        return int(limit)
+    def _new_worker(
+        self, name: str, *, max_batch_size: int, wait_timeout_s: float, on_start: Callable[[], None]
+    ) -> BatchWorker[Any] | StepWorker[Any]:
+        return BatchWorker(
+            name, self._run_batch, max_batch_size=max_batch_size, wait_timeout_s=wait_timeout_s, on_start=on_start
+        )
+
+    def _ready_note(self) -> str:
+        labels = self._model.config.num_labels
+        return f"{labels} labels, {self._activation}, context {self._context_length}"
 
     # -- validation and tokenization (event loop, before any batch) ----------------------------------
 
@@ -281,11 +180,6 @@ class SequenceClassificationEngine(HFTokenizerMixin, Engine, ScoringEngine):
             raise InvalidRequestError(
                 f"model '{self.spec.id}' serves task '{self.spec.task}' and cannot {what}", param="model"
             )
-
-    def _running_worker(self) -> BatchWorker[_Row]:
-        if self._worker is None or not self._worker.is_alive():
-            raise EngineDeadError(f"the engine for model '{self.spec.id}' is not running")
-        return self._worker
 
     def _truncation(self, options: PoolingOptions, *, pair: bool, add_special_tokens: bool) -> int | None:
         """The token limit `truncate_prompt_tokens` asks for (None: no truncation), checked against the model."""
@@ -339,27 +233,6 @@ class SequenceClassificationEngine(HFTokenizerMixin, Engine, ScoringEngine):
             )
 
     # -- running -------------------------------------------------------------------------------------
-
-    async def _run(self, rows: list[_Row]) -> list[tuple[float, ...]]:
-        """Submit every row to the batching worker and wait for all of them (inputs of concurrent requests share
-        forward passes)."""
-        worker = self._running_worker()
-        loop = asyncio.get_running_loop()
-        futures = [loop.create_future() for _ in rows]
-        items = [WorkItem(row, loop, _settle(future)) for row, future in zip(rows, futures, strict=True)]
-        try:
-            for item in items:
-                worker.submit(item)
-            results = await asyncio.gather(*futures, return_exceptions=True)
-        finally:
-            for item in items:
-                item.cancelled = True
-        outputs: list[tuple[float, ...]] = []
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
-            outputs.append(result)
-        return outputs
 
     @torch.inference_mode()
     def _run_batch(self, items: list[WorkItem[_Row]]) -> None:
@@ -418,15 +291,3 @@ def _cut(ids: list[int], limit: int | None, side: str | None) -> list[int]:
     if limit is None or len(ids) <= limit:
         return ids
     return ids[-limit:] if side == "left" else ids[:limit]
-
-
-def _settle(future: asyncio.Future[Any]) -> Callable[[object], None]:
-    def sink(value: object) -> None:
-        if future.done():  # cancelled by the caller meanwhile
-            return
-        if isinstance(value, BaseException):
-            future.set_exception(value)
-        else:
-            future.set_result(value)
-
-    return sink
