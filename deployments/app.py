@@ -38,4 +38,4 @@ def build_app_from_plan(plan: DeploymentPlan) -> Application:
         for model in plan.models
     }
     ingress = serve.deployment(serve.ingress(app)(OpenAIIngress)).options(**plan.router_options)
-    return ingress.bind(plan.config, replicas)
+    return ingress.bind(plan.config, replicas, plan.models, plan.pipelines)

@@ -7,6 +7,7 @@ ServingError                         base; attrs: status_code, error_type, param
 ├── RequestTimeoutError      408     the request ran past the router's request_timeout_s
 ├── RequestTooLargeError     413     request body over the router's limit
 ├── OverloadedError          429     queue full / backpressure
+├── ColdStartError           503     a model at zero replicas did not start in time, or too many wait for it
 └── EngineError              500     the engine failed while serving
     ├── EngineStartError     500     weights or tokenizer could not be loaded
     └── EngineDeadError      503     the engine stopped answering; Serve restarts the replica
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 __all__ = [
     "AuthenticationError",
+    "ColdStartError",
     "EngineDeadError",
     "EngineError",
     "EngineStartError",
@@ -95,6 +97,27 @@ class OverloadedError(ServingError):
     status_code = 429
     error_type = "rate_limit_error"
     retry_after_s = 1
+
+
+class ColdStartError(ServingError):
+    """Raised when a model scaled to zero does not start within its cold_start_timeout_s, or when its
+    cold_start_queue of held requests is full; `Retry-After` says when a replica may be up."""
+
+    status_code = 503
+    error_type = "service_unavailable"
+
+    def __init__(
+        self, message: str, *, param: str | None = None, code: str | None = "model_cold", retry_after_s: int = 5
+    ) -> None:
+        super().__init__(message, param=param, code=code)
+        self.retry_after_s = retry_after_s
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_cold, (self.message, self.param, self.code, self.retry_after_s))
+
+
+def _rebuild_cold(message: str, param: str | None, code: str | None, retry_after_s: int) -> ColdStartError:
+    return ColdStartError(message, param=param, code=code, retry_after_s=retry_after_s)
 
 
 class EngineError(ServingError):

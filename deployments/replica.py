@@ -8,15 +8,21 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from deployments import cpus, engines, metrics
+from deployments import autoscaling, cpus, engines, metrics
 from deployments.engines.protocol import (
+    ClassifyRequest,
+    ClassifyResult,
     EmbeddingEngine,
     EmbedRequest,
     EmbedResult,
     Engine,
     GenerateChunk,
     GenerateRequest,
+    ReplicaTimes,
     SamplingConfig,
+    ScoreRequest,
+    ScoreResult,
+    ScoringEngine,
     TokenizeRequest,
     TokenizeResult,
     TokenizingEngine,
@@ -42,7 +48,7 @@ class ModelReplica:
     async def __init__(self, plan: ModelPlan, *, engine_cls: type[Engine] | None = None) -> None:
         spec = self.spec = plan.spec
         self.replica_id = _serve_replica_id()
-        cls = engine_cls or engines.resolve(spec.engine)
+        cls = engine_cls or engines.resolve(spec.engine, spec.task)
         self.engine = cls(spec, plan.engine)
         started = time.monotonic()
         await self.engine.start()
@@ -53,6 +59,7 @@ class ModelReplica:
         await self._warm_up()
         self.ready_after_s = time.monotonic() - started
         self.metrics = metrics.ReplicaMetrics(spec.id)
+        self.load = autoscaling.LoadSignals()
         self.metrics.ready()
         logger.info("model %s ready (%s engine) in %.1f s", spec.id, spec.engine, self.ready_after_s)
 
@@ -61,6 +68,10 @@ class ModelReplica:
             request = GenerateRequest(request_id="warmup", prompt="Hello", sampling=SamplingConfig(max_tokens=1))
             async for _ in self.engine.generate(request):
                 pass
+        elif self.spec.task == "classify":
+            await self._scoring().classify(ClassifyRequest(request_id="warmup", inputs=("Hello",)))
+        elif self.spec.task == "score":
+            await self._scoring().score(ScoreRequest(request_id="warmup", queries=("Hello",), documents=("Hello",)))
         else:
             await self._embed(EmbedRequest(request_id="warmup", inputs=("Hello",)))
 
@@ -73,7 +84,7 @@ class ModelReplica:
             async for chunk in self.engine.generate(request):
                 if track.times is None:
                     # The first chunk, not the last: the API layer sends the response headers before the rest.
-                    chunk = chunk.model_copy(update={"replica": self.replica_id, "times": track.first_output()})
+                    chunk = chunk.model_copy(update={"replica": self.replica_id, "times": self._first_output(track)})
                 last = chunk
                 yield chunk
         finally:
@@ -89,7 +100,7 @@ class ModelReplica:
         try:
             async for chunk in self.engine.generate(request):
                 if track.times is None:
-                    track.first_output()
+                    self._first_output(track)
                 parts.append(chunk.text)
                 logprobs.extend(chunk.logprobs or ())
                 calls.extend(chunk.tool_calls or ())
@@ -156,6 +167,54 @@ class ModelReplica:
         if not isinstance(self.engine, EmbeddingEngine) or self.spec.task != "embed":
             raise InvalidRequestError(f"model '{self.spec.id}' does not serve embeddings", param="model")
         return await self.engine.embed(request)
+
+    def _scoring(self) -> ScoringEngine:
+        if not isinstance(self.engine, ScoringEngine) or self.spec.task not in ("classify", "score"):
+            raise InvalidRequestError(
+                f"model '{self.spec.id}' serves task '{self.spec.task}', not classification or scoring", param="model"
+            )
+        return self.engine
+
+    async def classify(self, request: ClassifyRequest) -> ClassifyResult:
+        """Classify the request's inputs.
+
+        Raises:
+            InvalidRequestError: this model does not classify, or an input is invalid.
+        """
+        track = self.metrics.start()
+        tokens = 0
+        try:
+            result = await self._scoring().classify(request)
+            tokens = result.prompt_tokens
+            return result.model_copy(update={"replica": self.replica_id, "times": track.first_output()})
+        finally:
+            track.finish(prompt_tokens=tokens)
+
+    async def score(self, request: ScoreRequest) -> ScoreResult:
+        """Score the request's (query, document) pairs.
+
+        Raises:
+            InvalidRequestError: this model does not score, or a pair is invalid.
+        """
+        track = self.metrics.start()
+        tokens = 0
+        try:
+            result = await self._scoring().score(request)
+            tokens = result.prompt_tokens
+            return result.model_copy(update={"replica": self.replica_id, "times": track.first_output()})
+        finally:
+            track.finish(prompt_tokens=tokens)
+
+    def _first_output(self, track: metrics.ReplicaRequest) -> ReplicaTimes:
+        """A generation's first output: its stamps, also kept for the autoscaling policy's time to first token."""
+        times = track.first_output()
+        self.load.first_output(times.received_at, times.first_output_at)
+        return times
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's hook (called only when the model autoscales): this replica's recent time to first token and its
+        waiting and running requests, for the 'queue' policy (deployments.autoscaling)."""
+        return self.load.report(waiting=self.metrics.waiting, running=self.metrics.running)
 
     async def ready(self) -> bool:
         """True: a replica that answers has finished warm-up."""

@@ -3,27 +3,34 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Mapping
-from typing import Any, Literal, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any, Literal, Protocol, TypeVar
 
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from deployments import timing
+from deployments import autoscaling, timing
 from deployments.config import ServingConfig
 from deployments.engines.protocol import (
+    ClassifyRequest,
+    ClassifyResult,
     EmbedRequest,
     EmbedResult,
     GenerateChunk,
     GenerateRequest,
+    ScoreRequest,
+    ScoreResult,
     TokenizeRequest,
     TokenizeResult,
 )
 from deployments.errors import (
+    ColdStartError,
     EngineDeadError,
     EngineError,
     InvalidRequestError,
@@ -39,8 +46,25 @@ __all__ = ["Router"]
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+class _Cancellable(Protocol):
+    def cancel(self) -> None: ...
+
+
+R = TypeVar("R", bound=_Cancellable)  # a DeploymentResponse, or its generator form
 _READY_TIMEOUT_S = 10.0
-_TASK_NAMES = {"generate": "text generation (chat and completions)", "embed": "embeddings"}
+# How often a request held for a model at zero replicas looks whether a replica runs yet.
+_COLD_POLL_S = 0.5
+# Retry-After of a cold-start 503 before this router has seen the model start once (then: its last start time).
+_COLD_RETRY_AFTER_S = 10
+_TASK_NAMES = {
+    "generate": "text generation (chat and completions)",
+    "embed": "embeddings",
+    "classify": "classification (/classify)",
+    "score": "scoring of text pairs (/score and /rerank)",
+}
+Task = Literal["generate", "embed", "classify", "score"]
 
 
 class Router:
@@ -56,13 +80,19 @@ class Router:
         self._streaming = {mid: handles[mid].options(stream=True) for mid in self._specs}
         self._timeout_s = config.router.request_timeout_s
         self._described: dict[str, dict[str, Any]] = {}
+        # Scale to zero: replica counts from Serve's controller, requests held per model while it starts, how long
+        # its last start took, and the models that have answered a readiness call (deployments.autoscaling).
+        self._replicas = autoscaling.ReplicaCounts()
+        self._held = dict.fromkeys(self._specs, 0)
+        self._cold_start_s: dict[str, float] = {}
+        self._answered: set[str] = set()
 
     @property
     def specs(self) -> list[ModelSpec]:
         """The served models, in config order."""
         return list(self._specs.values())
 
-    def spec_for(self, model_id: str, task: Literal["generate", "embed"]) -> ModelSpec:
+    def spec_for(self, model_id: str, task: Task) -> ModelSpec:
         """The spec of `model_id`, checked to serve `task`.
 
         Raises:
@@ -87,7 +117,8 @@ class Router:
         """
         self.spec_for(model_id, "generate")
         watch = timing.dispatch(model_id)
-        result = await self._call(self._unary[model_id].complete.remote(request))
+        response = await self._send(model_id, lambda: self._unary[model_id].complete.remote(request))
+        result = await self._call(response)
         watch.result(result)
         return result
 
@@ -99,7 +130,32 @@ class Router:
         """
         self.spec_for(model_id, "embed")
         watch = timing.dispatch(model_id)
-        result = await self._call(self._unary[model_id].embed.remote(request))
+        response = await self._send(model_id, lambda: self._unary[model_id].embed.remote(request))
+        result = await self._call(response)
+        watch.result(result)
+        return result
+
+    async def classify(self, model_id: str, request: ClassifyRequest) -> ClassifyResult:
+        """Classify the request's inputs.
+
+        Raises:
+            ServingError: any failure, already mapped.
+        """
+        self.spec_for(model_id, "classify")
+        watch = timing.dispatch(model_id)
+        result = await self._call(await self._send(model_id, lambda: self._unary[model_id].classify.remote(request)))
+        watch.result(result)
+        return result
+
+    async def score(self, model_id: str, request: ScoreRequest) -> ScoreResult:
+        """Score the request's (query, document) pairs (/score and /rerank).
+
+        Raises:
+            ServingError: any failure, already mapped.
+        """
+        self.spec_for(model_id, "score")
+        watch = timing.dispatch(model_id)
+        result = await self._call(await self._send(model_id, lambda: self._unary[model_id].score.remote(request)))
         watch.result(result)
         return result
 
@@ -111,7 +167,7 @@ class Router:
         """
         self.spec_for(model_id, "generate")
         watch = timing.dispatch(model_id)
-        response = self._streaming[model_id].generate.remote(request)
+        response = await self._send(model_id, lambda: self._streaming[model_id].generate.remote(request))
         deadline = time.monotonic() + self._timeout_s
         try:
             while True:
@@ -125,7 +181,10 @@ class Router:
             watch.failed()
             raise
         finally:
-            response.cancel()
+            # Serve's cancel() re-raises the failure of a request that never reached a replica (a full queue's
+            # BackPressureError, already mapped above): it would replace the 429 with Serve's plain-text 503.
+            with contextlib.suppress(serve.exceptions.RayServeException):
+                response.cancel()
 
     def spec(self, model_id: str) -> ModelSpec:
         """The spec of `model_id`, whatever its task.
@@ -145,7 +204,7 @@ class Router:
             ServingError: any failure, already mapped.
         """
         self.spec(model_id)
-        return await self._call(self._unary[model_id].tokenize.remote(request))
+        return await self._call(await self._send(model_id, lambda: self._unary[model_id].tokenize.remote(request)))
 
     async def detokenize(self, model_id: str, tokens: tuple[int, ...]) -> str:
         """The text of token ids on the model's tokenizer.
@@ -154,12 +213,15 @@ class Router:
             ServingError: any failure, already mapped.
         """
         self.spec(model_id)
-        return await self._call(self._unary[model_id].detokenize.remote(tokens))
+        return await self._call(await self._send(model_id, lambda: self._unary[model_id].detokenize.remote(tokens)))
 
     async def describe(self, model_id: str) -> dict[str, Any]:
         """What a replica of the model reports about the loaded model (`max_model_len`), cached once known;
-        empty when no replica answers within the readiness timeout."""
+        empty when no replica answers within the readiness timeout, or when the model is cold (asking would start
+        a replica)."""
         if model_id not in self._described:
+            if await self.state(model_id) == "cold":
+                return {}
             try:
                 info = await asyncio.wait_for(self._unary[model_id].describe.remote(), _READY_TIMEOUT_S)
             except Exception:  # noqa: BLE001 - a model card without the engine's facts is still a card
@@ -167,17 +229,82 @@ class Router:
             self._described[model_id] = info
         return self._described[model_id]
 
+    async def replicas(self, model_id: str) -> autoscaling.Replicas | None:
+        """The model's replicas as Serve's controller counts them (cached briefly); None: it did not say."""
+        return await self._replicas.get(self._specs[model_id].deployment_name)
+
+    async def state(self, model_id: str) -> Literal["ready", "cold", "starting"] | None:
+        """'ready': a replica runs. 'cold': a model that scales to zero has none running (a request starts one and
+        waits for it). 'starting': another model has none running yet. None: Serve's controller did not say."""
+        replicas = await self.replicas(model_id)
+        if replicas is None:
+            return None
+        if replicas.running > 0:
+            return "ready"
+        return "cold" if self._specs[model_id].scaling.min_replicas == 0 else "starting"
+
     async def readiness(self) -> dict[str, bool]:
-        """Per model: whether a replica answers a real request now."""
+        """Per model: whether a replica answers a real request now, or the model is cold: scaled to zero, or
+        starting again after it once answered (asking a cold model would start a replica)."""
 
         async def one(model_id: str) -> bool:
+            if self._specs[model_id].scaling.min_replicas == 0:
+                replicas = await self.replicas(model_id)
+                if replicas is not None and replicas.running == 0 and (replicas.at_zero or model_id in self._answered):
+                    return True
             try:
-                return bool(await asyncio.wait_for(self._unary[model_id].ready.remote(), _READY_TIMEOUT_S))
+                ready = bool(await asyncio.wait_for(self._unary[model_id].ready.remote(), _READY_TIMEOUT_S))
             except Exception:  # noqa: BLE001 - readiness reports, it never raises
                 return False
+            if ready:
+                self._answered.add(model_id)
+            return ready
 
         results = await asyncio.gather(*(one(mid) for mid in self._specs))
         return dict(zip(self._specs, results, strict=True))
+
+    async def _send(self, model_id: str, send: Callable[[], R]) -> R:
+        """Send a request to the model's handle; for a model at zero replicas, hold it until a replica runs.
+
+        The held request is already queued at Serve's handle: that is what makes Serve start a replica (its
+        scale-from-zero path). At most `cold_start_queue` requests are held per router replica, each for at most
+        `cold_start_timeout_s`.
+
+        Raises:
+            ColdStartError: too many requests are held already, or no replica started in time.
+        """
+        scaling = self._specs[model_id].scaling
+        if scaling.min_replicas > 0 or await self._warm(model_id):
+            return send()
+        retry = math.ceil(self._cold_start_s.get(model_id, _COLD_RETRY_AFTER_S))
+        if self._held[model_id] >= scaling.cold_start_queue:
+            raise ColdStartError(
+                f"The model '{model_id}' is starting from zero replicas and {self._held[model_id]} requests already "
+                f"wait for it (its cold_start_queue); retry in {retry} s",
+                retry_after_s=retry,
+            )
+        response = send()
+        self._held[model_id] += 1
+        started = time.monotonic()
+        try:
+            while not await self._warm(model_id):
+                if time.monotonic() - started >= scaling.cold_start_timeout_s:
+                    response.cancel()
+                    raise ColdStartError(
+                        f"The model '{model_id}' is starting from zero replicas and none started within its "
+                        f"cold_start_timeout_s of {scaling.cold_start_timeout_s:g} s; retry in {retry} s",
+                        retry_after_s=retry,
+                    )
+                await asyncio.sleep(_COLD_POLL_S)
+            self._cold_start_s[model_id] = time.monotonic() - started
+        finally:
+            self._held[model_id] -= 1
+        return response
+
+    async def _warm(self, model_id: str) -> bool:
+        """A replica of the model runs (or Serve's controller did not say: then Serve's own queue holds it)."""
+        replicas = await self.replicas(model_id)
+        return replicas is None or replicas.running > 0
 
     async def _call(self, awaitable: Awaitable[T], timeout_s: float | None = None) -> T:
         """Await a replica call and map Ray's failures to ServingErrors."""

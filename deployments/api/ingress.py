@@ -7,18 +7,22 @@ import functools
 import hmac
 import logging
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from deployments import cpus, timing
+from deployments.api import batches, files
+from deployments.api import pipelines as pipeline_api
 from deployments.api.completions import Completion
 from deployments.api.embeddings import embedding_body
 from deployments.api.errors import to_error_response, validation_message
@@ -30,6 +34,18 @@ from deployments.api.openai_models import (
     ErrorResponse,
     ModelCard,
     ModelList,
+)
+from deployments.api.openapi import ServedAPI
+from deployments.api.scoring import (
+    ClassificationRequest,
+    ClassificationResponse,
+    RerankRequest,
+    RerankResponse,
+    ScoreResponse,
+    ScoreTextsRequest,
+    classification_body,
+    rerank_body,
+    score_body,
 )
 from deployments.api.tokenize import (
     DetokenizeRequest,
@@ -47,6 +63,9 @@ from deployments.errors import (
     RequestTooLargeError,
     ServingError,
 )
+from deployments.pipelines.executor import Pipelines
+from deployments.pipelines.spec import PipelinePlan, plan_pipelines
+from deployments.plan import ModelPlan, plan_model
 from deployments.router import Router
 from models.spec import ModelSpec
 
@@ -58,6 +77,17 @@ _OPEN_PATHS = {"/healthz", "/health", "/readyz", "/openapi.json", "/docs"}
 # Which Serve replica(s) served a request (comma-separated when `n` choices landed on several): for operators, and
 # for the routing tests.
 REPLICA_HEADER = "x-modelfleet-replica"
+# A completion answers JSON, or server-sent events when `stream` is true: the document names both.
+_COMPLETION_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The completion (JSON), or its chunks as server-sent events when `stream` is true: each "
+        "event's data is a chunk object, and the last one is `[DONE]`.",
+        "content": {
+            "application/json": {"schema": {"type": "object"}},
+            "text/event-stream": {"schema": {"anyOf": [{"type": "object"}, {"const": "[DONE]"}]}},
+        },
+    }
+}
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 404, 408, 413, 429, 500, 503)
 }
@@ -131,6 +161,15 @@ class _LimitsMiddleware:
         rid = headers.get(b"x-request-id", b"").decode("latin-1") or uuid.uuid4().hex
         scope["modelfleet.request_id"] = rid
         failure = self._check_auth(scope, headers)
+        upload_limit = files.upload_limit() if _path(scope) == files.UPLOAD_PATH and scope["method"] == "POST" else None
+        if failure is None and upload_limit is not None:
+            # A file upload streams on to its route, which spools it to disk: bounded as it arrives, not buffered.
+            length = headers.get(b"content-length", b"")
+            if length.isdigit() and int(length) > upload_limit:
+                failure = _upload_too_large(upload_limit)
+            else:
+                await self.app(scope, _bounded(receive, upload_limit), send)
+                return
         body = b""
         if failure is None:
             length = headers.get(b"content-length", b"")
@@ -154,10 +193,7 @@ class _LimitsMiddleware:
 
     @staticmethod
     def _check_auth(scope: Scope, headers: dict[bytes, bytes]) -> ServingError | None:
-        path, root = scope.get("path", ""), scope.get("root_path", "")
-        if root and path.startswith(root):  # the app may live under a route prefix
-            path = path[len(root) :]
-        if not _limits.api_keys or path in _OPEN_PATHS:
+        if not _limits.api_keys or _path(scope) in _OPEN_PATHS:
             return None
         auth = headers.get(b"authorization", b"")
         token = auth[7:].strip() if auth[:7].lower() == b"bearer " else b""
@@ -187,7 +223,38 @@ class _LimitsMiddleware:
         )
 
 
-app = FastAPI(
+def _path(scope: Scope) -> str:
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    if root and path.startswith(root):  # the app may live under a route prefix
+        path = path[len(root) :]
+    return str(path)
+
+
+def _upload_too_large(limit: int) -> RequestTooLargeError:
+    return RequestTooLargeError(
+        f"Upload is larger than the limit of {limit} bytes (`batches.max_file_bytes` and the form's framing)",
+        param="file",
+        code="file_too_large",
+    )
+
+
+def _bounded(receive: Receive, limit: int) -> Receive:
+    """`receive`, failing with a 413 once the body has grown past `limit` bytes (a chunked upload has no length)."""
+    size = 0
+
+    async def bounded() -> Message:
+        nonlocal size
+        message = await receive()
+        if message["type"] == "http.request":
+            size += len(message.get("body", b""))
+            if size > limit:
+                raise _upload_too_large(limit)  # raised inside the route's form parsing: its error handler answers
+        return message
+
+    return bounded
+
+
+app = ServedAPI(
     title="modelfleet",
     summary="OpenAI-compatible API over a Ray Serve model cluster",
     version="0.1.0",
@@ -206,8 +273,19 @@ async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONR
     status = exc.status_code
     kind = {401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error"}.get(status)
     body = ErrorResponse(error=ErrorBody(message=str(exc.detail), type=kind or "invalid_request_error", code=status))
-    # Starlette's own headers: `Allow` on a 405, as HTTP requires.
-    return JSONResponse(body.model_dump(), status_code=status, headers=exc.headers)
+    headers = dict(exc.headers or {})
+    if status == 405:  # `Allow`, as HTTP requires: every method of the path (Starlette names one route's only)
+        headers["Allow"] = _allowed_methods(request)
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers or None)
+
+
+def _allowed_methods(request: Request) -> str:
+    """The methods of every route whose path matches the request's (the routes of one path may be several)."""
+    methods: set[str] = set()
+    for route in request.app.routes:
+        if isinstance(route, APIRoute) and route.matches(request.scope)[0] != Match.NONE:
+            methods |= route.methods
+    return ", ".join(sorted(methods))
 
 
 @app.exception_handler(ServingError)
@@ -221,16 +299,37 @@ async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 
 app.add_middleware(_LimitsMiddleware)
+app.include_router(files.router)
+app.include_router(batches.router)
 
 
 class OpenAIIngress:
     """The front door: parses OpenAI requests, asks the router, and writes OpenAI responses."""
 
-    def __init__(self, config: ServingConfig, replicas: Mapping[str, DeploymentHandle]) -> None:
+    def __init__(
+        self,
+        config: ServingConfig,
+        replicas: Mapping[str, DeploymentHandle],
+        models: Sequence[ModelPlan] = (),
+        pipelines: Sequence[PipelinePlan] | None = None,
+    ) -> None:
+        """Args:
+        config: the serving config.
+        replicas: each model's deployment handle.
+        models: the models' plans (batches start their engines from them); default: planned here, no CPU split.
+        pipelines: the plan's pipelines (run here, over the router); default: planned here.
+        """
         self.config = config
         self.router = Router(config, replicas)
+        if pipelines is None:
+            pipelines = plan_pipelines(config.models, config.pipelines)
+        self.pipelines = Pipelines(self.router, pipelines, config.router.request_timeout_s)
+        files.configure(config.batches)
+        batches.configure({m.spec.id: m for m in models or [plan_model(spec) for spec in config.models]})
         _limits.max_body_bytes = config.router.max_body_bytes
         _limits.api_keys = tuple(k.get_secret_value().encode() for k in config.router.api_keys)
+        # The OpenAPI document names the served models, so schema-driven clients generate requests this config takes.
+        ServedAPI.served = tuple(config.models)
         # Routing moves bytes; the engines' processes come first when the CPU is contended.
         cpus.lower_priority()
 
@@ -241,12 +340,14 @@ class OpenAIIngress:
 
     @app.get("/readyz")
     async def readyz(self) -> JSONResponse:
-        """Readiness: 200 only when every model has a replica that answers real requests."""
+        """Readiness: 200 only when every model has a replica that answers real requests, or is cold (scaled to
+        zero: available, and not woken by this probe)."""
         models = await self.router.readiness()
         ready = all(models.values())
-        return JSONResponse({"ready": ready, "models": models}, status_code=200 if ready else 503)
+        cold = [m for m in models if await self.router.state(m) == "cold"]
+        return JSONResponse({"ready": ready, "models": models, "cold": cold}, status_code=200 if ready else 503)
 
-    @app.get("/health")
+    @app.get("/health", response_class=Response, responses={200: {"description": "The router answers.", "content": {}}})
     async def health(self) -> Response:
         """vLLM's probe path: 200 with no body while the router answers."""
         return Response(status_code=200)
@@ -254,19 +355,29 @@ class OpenAIIngress:
     async def _card(self, spec: ModelSpec) -> ModelCard:
         info = await self.router.describe(spec.id)
         root = str(spec.source) if spec.source else spec.id
+        replicas = await self.router.replicas(spec.id)
         return ModelCard(
-            id=spec.id, task=spec.task, engine=spec.engine, root=root, max_model_len=info.get("max_model_len")
+            id=spec.id,
+            task=spec.task,
+            engine=spec.engine,
+            root=root,
+            max_model_len=info.get("max_model_len"),
+            status=await self.router.state(spec.id),
+            replicas=replicas.running if replicas is not None else None,
         )
 
     @app.get("/v1/models", response_model=ModelList)
     async def list_models(self) -> ModelList:
         """The served models."""
-        return ModelList(data=list(await asyncio.gather(*(self._card(s) for s in self.router.specs))))
+        cards = list(await asyncio.gather(*(self._card(s) for s in self.router.specs)))
+        return ModelList(data=cards + [pipeline_api.model_card(p) for p in self.pipelines.plans.values()])
 
     @app.get("/v1/models/{model_id:path}", response_model=ModelCard)
     async def get_model(self, model_id: str) -> ModelCard:
         """One served model."""
         spec = next((s for s in self.router.specs if s.id == model_id), None)
+        if spec is None and self.pipelines.serves(model_id):
+            return pipeline_api.model_card(self.pipelines.plans[model_id])
         if spec is None:
             raise ModelNotFoundError(f"The model '{model_id}' does not exist")
         return await self._card(spec)
@@ -289,9 +400,44 @@ class OpenAIIngress:
         text = await self.router.detokenize(body.model, tuple(body.tokens))
         return JSONResponse(DetokenizeResponse(prompt=text).model_dump())
 
-    @app.post("/v1/chat/completions")
+    @app.post("/classify", response_model=ClassificationResponse)
+    async def classify(self, body: ClassificationRequest, request: Request) -> JSONResponse:
+        """Class probabilities of texts, from a sequence-classification model (vLLM's endpoint)."""
+        spec = self.router.spec_for(body.model, "classify")
+        rid = _request_id(request)
+        result = await self.router.classify(body.model, body.internal(rid, _session_key(spec, request, body.user)))
+        response_id = body.response_id("classify", rid)
+        headers = _replica_header([result.replica] if result.replica else [])
+        return JSONResponse(classification_body(body, result, response_id), headers=headers)
+
+    @app.post("/score", response_model=ScoreResponse)
+    @app.post("/v1/score", response_model=ScoreResponse)
+    async def score(self, body: ScoreTextsRequest, request: Request) -> JSONResponse:
+        """Relevance scores of text pairs, from a cross-encoder (vLLM's endpoint)."""
+        spec = self.router.spec_for(body.model, "score")
+        rid = _request_id(request)
+        result = await self.router.score(body.model, body.internal(rid, _session_key(spec, request, body.user)))
+        response_id = body.response_id("score", rid)
+        headers = _replica_header([result.replica] if result.replica else [])
+        return JSONResponse(score_body(body, result, response_id), headers=headers)
+
+    @app.post("/rerank", response_model=RerankResponse)
+    @app.post("/v1/rerank", response_model=RerankResponse)
+    @app.post("/v2/rerank", response_model=RerankResponse)
+    async def rerank(self, body: RerankRequest, request: Request) -> JSONResponse:
+        """Documents ranked by a cross-encoder's relevance to a query (vLLM's and Jina's endpoint)."""
+        spec = self.router.spec_for(body.model, "score")
+        rid = _request_id(request)
+        result = await self.router.score(body.model, body.internal(rid, _session_key(spec, request, body.user)))
+        response_id = body.response_id("score", rid)
+        headers = _replica_header([result.replica] if result.replica else [])
+        return JSONResponse(rerank_body(body, result, response_id), headers=headers)
+
+    @app.post("/v1/chat/completions", responses=_COMPLETION_RESPONSES)
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
         """Chat completion, streamed as SSE when `stream` is true."""
+        if self.pipelines.serves(body.model):
+            return await pipeline_api.chat(self.pipelines, body, request, _request_id(request))
         spec = self.router.spec_for(body.model, "generate")
         gen = GenerateRequest(
             request_id=_request_id(request),
@@ -302,9 +448,11 @@ class OpenAIIngress:
         )
         return await self._generate(body, [gen], chat=True)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=_COMPLETION_RESPONSES)
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         """Text completion, streamed as SSE when `stream` is true; one set of `n` choices per prompt."""
+        if self.pipelines.serves(body.model):
+            return await pipeline_api.completions(self.pipelines, body, request, _request_id(request))
         spec = self.router.spec_for(body.model, "generate")
         rid = _request_id(request)
         prompts = body.prompts
@@ -327,6 +475,8 @@ class OpenAIIngress:
     @app.post("/v1/embeddings")
     async def embeddings(self, body: EmbeddingRequest, request: Request) -> JSONResponse:
         """Embeddings of one text or a list of texts."""
+        if self.pipelines.serves(body.model):
+            return await pipeline_api.embeddings(self.pipelines, body, request, _request_id(request))
         spec = self.router.spec_for(body.model, "embed")
         embed = EmbedRequest(
             request_id=_request_id(request), inputs=body.texts, routing_key=_session_key(spec, request, body.user)

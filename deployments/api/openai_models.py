@@ -10,8 +10,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from deployments.api.structured import ResponseFormat, StructuredOutputs, structured_output
 from deployments.api.tools import MessageToolCall, NamedToolChoice, ToolDefinition
-from deployments.api.wire import WireRequest
+from deployments.api.wire import OnlyFalse, WireRequest
 from deployments.engines.protocol import ChatMessage, SamplingConfig, StructuredOutput, ToolFunction
+from deployments.errors import InvalidRequestError
 
 __all__ = [
     "ChatCompletionRequest",
@@ -37,6 +38,23 @@ SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 _Stop = Annotated[str, Field(min_length=1, description="A stop sequence (not empty).")]
 _TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
 _Bias = Annotated[float, Field(ge=-100.0, le=100.0)]
+
+
+def _int64(schema: dict[str, Any]) -> None:
+    """The document states the 64-bit range as OpenAPI's `format: int64`: as `minimum`/`maximum` it would be written
+    as floats (9.223372036854775e+18), which no JSON reader takes back exactly."""
+    for variant in schema.get("anyOf", [schema]):
+        if variant.get("type") == "integer":
+            variant.pop("minimum", None)
+            variant.pop("maximum", None)
+            variant["format"] = "int64"
+
+
+def _only_pattern_keys(schema: dict[str, Any]) -> None:
+    """The document states what validation does: keys other than the pattern's are refused."""
+    for variant in schema.get("anyOf", [schema]):
+        if "patternProperties" in variant:
+            variant["additionalProperties"] = False
 
 
 class _Response(BaseModel):
@@ -83,14 +101,22 @@ class _SamplingFields(_Request):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=16, description="How many choices to generate (each one is its own request).")
     stop: _Stop | list[_Stop] | None = Field(None, max_length=4, description="Up to 4 sequences where output stops.")
-    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX, description="A 64-bit seed for reproducible sampling.")
+    seed: int | None = Field(
+        None,
+        ge=SEED_MIN,
+        le=SEED_MAX,
+        description="A 64-bit seed for reproducible sampling.",
+        json_schema_extra=_int64,
+    )
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     stream: bool = False
     stream_options: _StreamOptions | None = None
     user: str | None = Field(None, description="The end user; a model with routing policy 'session' keys on it.")
     logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,10}$")], _Bias] | None = Field(
-        None, description="Token id (as a string) -> bias from -100 to 100 added to its logit."
+        None,
+        description="Token id (as a string) -> bias from -100 to 100 added to its logit.",
+        json_schema_extra=_only_pattern_keys,
     )
     response_format: ResponseFormat | None = Field(
         None, description="'json_object' or 'json_schema' constrain the output (wins over structured_outputs)."
@@ -162,7 +188,7 @@ class ChatCompletionRequest(_SamplingFields):
     metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = Field(
         None, max_length=16, description="Describes the request (recorded nowhere yet)."
     )
-    store: Literal[False] | None = Field(None, description="Completions are never stored: only false is accepted.")
+    store: OnlyFalse | None = Field(None, description="Completions are never stored: only false is accepted.")
     service_tier: Literal["auto", "default"] | None = Field(None, description="One tier is served: auto or default.")
     safety_identifier: str | None = Field(None, max_length=64, description="Describes the end user (not acted on).")
 
@@ -181,7 +207,17 @@ class ChatCompletionRequest(_SamplingFields):
         return tuple(m.flat() for m in self.messages)
 
     def sampling(self, default_max_tokens: int) -> SamplingConfig:
-        """Engine sampling settings; `default_max_tokens` applies when the client sets no limit."""
+        """Engine sampling settings; `default_max_tokens` (the model's limit) applies when the client sets none.
+
+        Raises:
+            InvalidRequestError: either alias is above the model's limit (the one not used is checked too).
+        """
+        for name in ("max_tokens", "max_completion_tokens"):
+            value = getattr(self, name)
+            if value is not None and value > default_max_tokens:
+                raise InvalidRequestError(
+                    f"{name} is {value}; this model allows at most {default_max_tokens}", param=name
+                )
         logprobs = (self.top_logprobs or 0) if self.logprobs or self.top_logprobs else None
         return self._sampling(self.max_completion_tokens or self.max_tokens or default_max_tokens, logprobs)
 
@@ -198,6 +234,16 @@ class ChatCompletionRequest(_SamplingFields):
 class CompletionRequest(_SamplingFields):
     """Body of POST /v1/completions."""
 
+    # `echo` with `logprobs` would ask for the prompt's logprobs, which no engine returns: the document says so.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "not": {
+                "required": ["echo", "logprobs"],
+                "properties": {"echo": {"const": True}, "logprobs": {"type": "integer"}},
+            }
+        }
+    )
+
     prompt: (
         Annotated[str, Field(min_length=1)]
         | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=64)]
@@ -213,7 +259,9 @@ class CompletionRequest(_SamplingFields):
     logprobs: int | None = Field(None, ge=0, le=20, description="Log probabilities of the top k tokens.")
     echo: bool = Field(False, description="Put the prompt before the output in each choice's text.")
     suffix: None = Field(None, description="Not supported (no fill-in-the-middle): leave it unset or null.")
-    best_of: int | None = Field(None, ge=1, le=16, description="Accepted when it equals n (or 1 with n = 1).")
+    best_of: int | None = Field(
+        None, ge=1, le=1, description="Only 1: each choice is one sample (no server-side choice among several)."
+    )
 
     @field_validator("suffix", mode="before")
     @classmethod
@@ -227,14 +275,6 @@ class CompletionRequest(_SamplingFields):
     def _echo_without_logprobs(cls, value: bool, info: ValidationInfo) -> bool:
         if value and info.data.get("logprobs") is not None:
             raise ValueError("echo with logprobs (the prompt's logprobs) is not supported: drop one of them")
-        return value
-
-    @field_validator("best_of")
-    @classmethod
-    def _best_of_is_n(cls, value: int | None, info: ValidationInfo) -> int | None:
-        n = info.data.get("n", 1)
-        if value is not None and value != n:
-            raise ValueError(f"best_of must equal n ({n}): choosing the best of more choices is not supported")
         return value
 
     @property
@@ -255,17 +295,12 @@ class EmbeddingRequest(_Request):
     """Body of POST /v1/embeddings."""
 
     model: str = Field(min_length=1)
-    input: str | list[str] = Field(description="A text or a list of texts (at most 2048).")
+    input: str | Annotated[list[str], Field(min_length=1, max_length=2048)] = Field(
+        description="A text or a list of 1-2048 texts."
+    )
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1, description="Accepted only if equal to the model's own size.")
     user: str | None = Field(None, description="The end user; a model with routing policy 'session' keys on it.")
-
-    @field_validator("input")
-    @classmethod
-    def _inputs(cls, value: str | list[str]) -> str | list[str]:
-        if isinstance(value, list) and not 1 <= len(value) <= 2048:
-            raise ValueError("input must hold between 1 and 2048 texts")
-        return value
 
     @property
     def texts(self) -> tuple[str, ...]:
@@ -302,6 +337,17 @@ class ModelCard(_Response):
     root: str | None = Field(None, description="Where the weights come from (the model's source).")
     parent: str | None = Field(None, description="The base model of an adapter; none here.")
     max_model_len: int | None = Field(None, description="Most tokens (prompt + output) per request.")
+    status: Literal["ready", "cold", "starting"] | None = Field(
+        None,
+        description=(
+            "'ready': a replica runs. 'cold': the model scales to zero and no replica runs now; it is available, and "
+            "a request starts one and waits for it. 'starting': no replica runs yet. Unset: not known."
+        ),
+    )
+    replicas: int | None = Field(None, description="Replicas running now (0 when cold); unset: not known.")
+    pipeline: dict[str, Any] | None = Field(
+        None, description="Set for a pipeline (engine 'pipeline'): its `kind`, `steps` and the `models` it may call."
+    )
     permission: list[ModelPermission] = Field(default_factory=lambda: [ModelPermission()])
 
 

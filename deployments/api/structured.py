@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from deployments.api.wire import WireRequest
+from deployments.api.wire import OnlyTrue, WireRequest
 from deployments.engines.protocol import StructuredOutput
 
 __all__ = ["ResponseFormat", "StructuredOutputs", "structured_output"]
@@ -48,7 +48,7 @@ class _JSONConstraint(_Constraint):
 
 
 class _JSONObjectConstraint(_Constraint):
-    json_object: Literal[True] = Field(description="The output is a JSON object.")
+    json_object: OnlyTrue = Field(description="The output is a JSON object.")
 
 
 class _RegexConstraint(_Constraint):

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from deployments.api.openai_models import _Message
 from deployments.api.tools import ToolDefinition
-from deployments.api.wire import WireRequest
+from deployments.api.wire import OnlyFalse, WireRequest
 from deployments.engines.protocol import TokenizeRequest
 
 __all__ = [
@@ -45,7 +45,7 @@ class TokenizeChatRequest(WireRequest):
     model: str = Field(min_length=1, description="Id of a served model.")
     messages: list[_Message] = Field(min_length=1)
     add_generation_prompt: bool = Field(True, description="End with the opening of the assistant's turn.")
-    add_special_tokens: Literal[False] = Field(
+    add_special_tokens: OnlyFalse = Field(
         False, description="Only false: the chat template places the special tokens itself (vLLM's default)."
     )
     return_token_strs: bool = Field(False, description="Also return each token's text.")

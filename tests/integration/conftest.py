@@ -50,6 +50,20 @@ def tiny_bert(model_cache: Path) -> Path:
     return resolve_source("tiny-bert", cache_dir=model_cache)
 
 
+@pytest.fixture(scope="session")
+def classifier_dir(model_cache: Path) -> Path:
+    from models.registry import resolve_source
+
+    return resolve_source("tiny-bert-classifier", cache_dir=model_cache)
+
+
+@pytest.fixture(scope="session")
+def cross_encoder_dir(model_cache: Path) -> Path:
+    from models.registry import resolve_source
+
+    return resolve_source("tiny-cross-encoder", cache_dir=model_cache)
+
+
 GPU_NODE_GPUS = 2
 GPU_NODE_ACCELERATOR = "H100"
 
@@ -95,9 +109,18 @@ def ray_cluster() -> Iterator[int]:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+# Apps a test module deployed, deleted when the module ends: the session's cluster has 16 logical CPUs, and the
+# apps of every module kept to the end would no longer fit (a later deploy would wait for CPUs until its deadline).
+_module_apps: list[str] = []
+
+
 @pytest.fixture(scope="session")
-def deploy(ray_cluster: int) -> Iterator[Callable[[dict[str, Any]], str]]:
-    """Deploy a config (as a dict) as its own Serve app; returns its base URL once /readyz is 200."""
+def deploy(ray_cluster: int) -> Iterator[Callable[..., str]]:
+    """Deploy a config (as a dict) as its own Serve app; returns its base URL once /readyz is 200.
+
+    The app is deleted when the test module that deployed it ends; `keep=True` keeps it to the end of the session
+    (the shared apps).
+    """
     from ray import serve
 
     from cluster import deploy as deploying
@@ -107,16 +130,28 @@ def deploy(ray_cluster: int) -> Iterator[Callable[[dict[str, Any]], str]]:
     # The test process is already a driver of this cluster: `deploy` sees that and reuses the connection.
     state = ClusterState(pid=0, gcs_address="in-process", temp_dir="", log_file="", num_cpus=8)
 
-    def _deploy(raw: dict[str, Any]) -> str:
+    def _deploy(raw: dict[str, Any], *, keep: bool = False) -> str:
         router = {**raw.get("router", {}), "port": ray_cluster}  # the session's proxy port, always
         config = ServingConfig.model_validate({**raw, "router": router})
-        names.append(config.name)
+        (names if keep else _module_apps).append(config.name)
         # The real deploy path: a deadline, unplaceable specs reported, and /readyz (a real answer) awaited.
         return deploying.deploy(config, state, timeout_s=READY_TIMEOUT_S)
 
     yield _deploy
-    for name in names:
+    for name in [*names, *_module_apps]:
         serve.delete(name)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _delete_module_apps() -> Iterator[None]:
+    """Delete the apps this module deployed (see `_module_apps`), so the next module's fit on the cluster."""
+    yield
+    if _module_apps:
+        from ray import serve
+
+        for name in dict.fromkeys(_module_apps):
+            serve.delete(name)
+        _module_apps.clear()
 
 
 def main_app_config(tiny_llama: Path, tiny_bert: Path) -> dict[str, Any]:
@@ -171,7 +206,33 @@ def main_app_config(tiny_llama: Path, tiny_bert: Path) -> dict[str, Any]:
     }
 
 
+def surface_model(tiny_llama: Path) -> dict[str, Any]:
+    """The tiny Llama on vLLM, set up for the whole API surface on random weights: constrained output without
+    whitespace between JSON tokens (else it fills max_tokens with it), and vLLM's hermes parser for tool_choice
+    'auto'. The surface, parity and fuzz tests serve it; vLLM's own server is started from the same spec."""
+    return {
+        "id": "so-vllm",
+        "task": "generate",
+        "engine": "vllm",
+        "source": str(tiny_llama),
+        "context_length": 256,
+        "max_output_tokens": 64,
+        "resources": {"num_cpus": 1},
+        "tool_call_parser": "hermes",
+        "engine_kwargs": {
+            "cpu_kvcache_space_gb": 0.25,
+            "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
+        },
+    }
+
+
+@pytest.fixture(scope="session")
+def surface_app(deploy: Callable[[dict[str, Any]], str], tiny_llama: Path) -> str:
+    """An app serving `surface_model` alone, deployed once per session."""
+    return deploy({"name": "surface", "route_prefix": "/surface", "models": [surface_model(tiny_llama)]}, keep=True)
+
+
 @pytest.fixture(scope="session")
 def main_app(deploy: Callable[[dict[str, Any]], str], tiny_llama: Path, tiny_bert: Path) -> str:
     """The shared app (see `main_app_config`), deployed once per session."""
-    return deploy(main_app_config(tiny_llama, tiny_bert))
+    return deploy(main_app_config(tiny_llama, tiny_bert), keep=True)

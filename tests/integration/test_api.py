@@ -57,6 +57,7 @@ def test_health_and_readiness(http: httpx.Client) -> None:
     assert ready.json() == {
         "ready": True,
         "models": {"echo": True, "echo-embed": True, "tiny": True, "tiny-vllm": True, "tiny-embed": True},
+        "cold": [],
     }
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Literal
 
 import httpx
@@ -21,36 +20,8 @@ QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
 @pytest.fixture(scope="module")
-def surface(deploy: Deploy, tiny_llama: Path) -> str:
-    """A vLLM model set up for constrained output on random weights: without whitespace between JSON tokens (else
-    they fill max_tokens with it), and with vLLM's hermes tool-call parser for tool_choice 'auto'."""
-    return deploy(
-        {
-            "name": "surface",
-            "route_prefix": "/surface",
-            "models": [
-                {
-                    "id": "so-vllm",
-                    "task": "generate",
-                    "engine": "vllm",
-                    "source": str(tiny_llama),
-                    "context_length": 256,
-                    "max_output_tokens": 64,
-                    "resources": {"num_cpus": 1},
-                    "tool_call_parser": "hermes",
-                    "engine_kwargs": {
-                        "cpu_kvcache_space_gb": 0.25,
-                        "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
-                    },
-                }
-            ],
-        }
-    )
-
-
-@pytest.fixture(scope="module")
-def sdk(surface: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{surface}/v1", api_key="unused", max_retries=0, timeout=120)
+def sdk(surface_app: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{surface_app}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
 @pytest.fixture(scope="module")
