@@ -84,6 +84,22 @@ def overview(p: Panels) -> dashboard.Dashboard:
         .with_panel(quantiles(p, "Time per output token", m.TPOT, s, (0.5, 0.95)))
         .with_panel(quantiles(p, "End-to-end latency", m.E2E_LATENCY, s, (0.5, 0.95)))
         .with_panel(quantiles(p, "Queue time", m.QUEUE_TIME, s, (0.5, 0.95)))
+        .with_panel(
+            p.series(
+                "Pipeline step latency (p50, p95)",
+                "Each step of each pipeline (the `model` variable matches pipeline ids): the call to its answer, or "
+                "to a streamed step's first chunk.",
+                [
+                    (
+                        quantile(q, m.PIPELINE_STEP_LATENCY.exported, s, "model, step"),
+                        f"{{{{model}}}} / {{{{step}}}} p{round(q * 100)}",
+                    )
+                    for q in (0.5, 0.95)
+                ],
+                unit="s",
+                width=24,
+            )
+        )
     )
     return (
         board.with_row(p.row("Tokens and load"))

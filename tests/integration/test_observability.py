@@ -84,6 +84,8 @@ def _config(home: Path, tiny_llama: Path, port: int) -> Path:
                 "engine_kwargs": {"cpu_kvcache_space_gb": 0.25},
             },
         ],
+        # A pipeline, so that its steps' latency is recorded (the first target answers).
+        "pipelines": [{"id": "echo-safe", "kind": "fallback", "targets": [{"model": "echo"}, {"model": "tiny-vllm"}]}],
         "router": {"port": port},
     }
     path = home / "observed.yaml"
@@ -174,13 +176,16 @@ def _load(base: str) -> dict[str, int]:
     completion = {"model": "tiny-vllm", "prompt": "Once upon a time", "max_tokens": 8}
     assert httpx.post(f"{base}/v1/completions", json=completion, timeout=120).status_code == 200
     assert httpx.post(f"{base}/v1/completions", json={"model": "echo", "prompt": "a b c"}, timeout=30).is_success
+    piped = {"model": "echo-safe", "messages": [{"role": "user", "content": "a b c"}], "max_tokens": 4}
+    piped_ok = sum(httpx.post(chat, json=piped, timeout=30).status_code == 200 for _ in range(4))
+    assert piped_ok == 4
     embed = {"model": "echo-embed", "input": ["one text", "another text"]}
     assert httpx.post(f"{base}/v1/embeddings", json=embed, timeout=30).status_code == 200
     assert httpx.post(chat, json={"model": "nope", "messages": []}, timeout=30).status_code in (400, 404)
     refused = {"model": "echo", "messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 1}
     assert httpx.post(chat, json=refused, timeout=30).status_code == 400  # the echo engine has no logprobs
     assert stream("echo", "a b c __fail__ d") == 200  # fails after its first token: an error event
-    return {"echo_streams": len(echo)}
+    return {"echo_streams": len(echo), "piped": piped_ok}
 
 
 def _query(prometheus: str, expr: str) -> list[dict[str, Any]]:
@@ -234,10 +239,11 @@ def test_every_dashboard_query_returns_data(cluster: tuple[str, int], prometheus
         if gpu:
             _query(prometheus, _resolve(q, "5m")[0])
 
-    # The counters count what was sent (+1 per round: the stream that failed after its 200).
+    # The counters count what was sent (+1 per round: the stream that failed after its 200; a pipeline's requests
+    # count under the model that answered them).
     ok = 'sum(ray_modelfleet_requests_total{model="echo",endpoint="/v1/chat/completions",status="200"})'
     counts = {
-        ok: sum(r["echo_streams"] + 1 for r in rounds),
+        ok: sum(r["echo_streams"] + r["piped"] + 1 for r in rounds),
         'sum(ray_modelfleet_stream_errors_total{model="echo"})': len(rounds),
         'sum(ray_modelfleet_requests_total{model="echo",status="400"})': len(rounds),
     }
