@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import functools
-import hmac
 import logging
-import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
@@ -18,14 +14,14 @@ from fastapi.routing import APIRoute
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from deployments import cpus, timing
+from deployments import cpus
 from deployments.api import batches, files
 from deployments.api import pipelines as pipeline_api
 from deployments.api.completions import Completion
 from deployments.api.embeddings import embedding_body
-from deployments.api.errors import to_error_response, validation_message
+from deployments.api.errors import validation_message
+from deployments.api.limits import LimitsMiddleware, error_response, limits
 from deployments.api.openai_models import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -57,10 +53,8 @@ from deployments.api.tokenize import (
 from deployments.config import ServingConfig
 from deployments.engines.protocol import EmbedRequest, GenerateRequest
 from deployments.errors import (
-    AuthenticationError,
     InvalidRequestError,
     ModelNotFoundError,
-    RequestTooLargeError,
     ServingError,
 )
 from deployments.pipelines.executor import Pipelines
@@ -73,7 +67,6 @@ __all__ = ["REPLICA_HEADER", "OpenAIIngress", "app"]
 
 logger = logging.getLogger(__name__)
 
-_OPEN_PATHS = {"/healthz", "/health", "/readyz", "/openapi.json", "/docs"}
 # Which Serve replica(s) served a request (comma-separated when `n` choices landed on several): for operators, and
 # for the routing tests.
 REPLICA_HEADER = "x-modelfleet-replica"
@@ -94,15 +87,9 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 def _request_id(request: Request) -> str:
-    # Set for every HTTP request by _LimitsMiddleware, the outermost layer.
+    # Set for every HTTP request by LimitsMiddleware, the outermost layer.
     rid: str = request.scope["modelfleet.request_id"]
     return rid
-
-
-@functools.cache
-def _route_paths() -> frozenset[str]:
-    """The app's route templates (known once every route is registered)."""
-    return frozenset(str(getattr(route, "path", "")) for route in app.routes)
 
 
 def _session_key(spec: ModelSpec, request: Request, user: str | None) -> str | None:
@@ -116,144 +103,6 @@ def _replica_header(replicas: list[str]) -> dict[str, str]:
     return {REPLICA_HEADER: ",".join(replicas)} if replicas else {}
 
 
-def _error(exc: BaseException, request_id: str) -> JSONResponse:
-    status, body = to_error_response(exc, request_id)
-    # Serve's proxy sets the x-request-id response header (the client's own id, or one it generated).
-    retry_after = exc.retry_after_s if isinstance(exc, ServingError) else None
-    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
-    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
-
-
-@dataclass
-class _Limits:
-    """Per-process request limits; set from the config when the ingress replica starts."""
-
-    max_body_bytes: int = 1_048_576
-    api_keys: tuple[bytes, ...] = ()
-
-
-_limits = _Limits()
-
-
-class _LimitsMiddleware:
-    """Outermost ASGI middleware: API-key check (401) and body-size limit (413) before any parsing.
-
-    Pure ASGI rather than BaseHTTPMiddleware so streamed responses pass through untouched. The body is
-    read here, bounded, and replayed to the app, so chunked uploads without Content-Length are capped too.
-    """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        # The metrics of every HTTP request, refused ones included: this is the outermost layer.
-        record = timing.RequestRecord.begin()
-        try:
-            await self._limit(scope, receive, record.wrap(send))
-        finally:
-            record.finish(scope, _route_paths())
-
-    async def _limit(self, scope: Scope, receive: Receive, send: Send) -> None:
-        headers = dict(scope.get("headers") or [])
-        rid = headers.get(b"x-request-id", b"").decode("latin-1") or uuid.uuid4().hex
-        scope["modelfleet.request_id"] = rid
-        failure = self._check_auth(scope, headers)
-        upload_limit = files.upload_limit() if _path(scope) == files.UPLOAD_PATH and scope["method"] == "POST" else None
-        if failure is None and upload_limit is not None:
-            # A file upload streams on to its route, which spools it to disk: bounded as it arrives, not buffered.
-            length = headers.get(b"content-length", b"")
-            if length.isdigit() and int(length) > upload_limit:
-                failure = _upload_too_large(upload_limit)
-            else:
-                await self.app(scope, _bounded(receive, upload_limit), send)
-                return
-        body = b""
-        if failure is None:
-            length = headers.get(b"content-length", b"")
-            if length.isdigit() and int(length) > _limits.max_body_bytes:
-                failure = self._too_large()
-            else:
-                body, failure = await self._read_body(receive)
-        if failure is not None:
-            await _error(failure, rid)(scope, receive, send)
-            return
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if replayed:
-                return await receive()  # after the body: wait for the disconnect as usual
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        await self.app(scope, replay, send)
-
-    @staticmethod
-    def _check_auth(scope: Scope, headers: dict[bytes, bytes]) -> ServingError | None:
-        if not _limits.api_keys or _path(scope) in _OPEN_PATHS:
-            return None
-        auth = headers.get(b"authorization", b"")
-        token = auth[7:].strip() if auth[:7].lower() == b"bearer " else b""
-        if any(hmac.compare_digest(token, key) for key in _limits.api_keys):
-            return None
-        return AuthenticationError("Missing or invalid API key: send `Authorization: Bearer <key>`")
-
-    async def _read_body(self, receive: Receive) -> tuple[bytes, ServingError | None]:
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return b"", None
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > _limits.max_body_bytes:
-                return b"", self._too_large()
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks), None
-
-    @staticmethod
-    def _too_large() -> RequestTooLargeError:
-        return RequestTooLargeError(
-            f"Request body is larger than the limit of {_limits.max_body_bytes} bytes", code="request_too_large"
-        )
-
-
-def _path(scope: Scope) -> str:
-    path, root = scope.get("path", ""), scope.get("root_path", "")
-    if root and path.startswith(root):  # the app may live under a route prefix
-        path = path[len(root) :]
-    return str(path)
-
-
-def _upload_too_large(limit: int) -> RequestTooLargeError:
-    return RequestTooLargeError(
-        f"Upload is larger than the limit of {limit} bytes (`batches.max_file_bytes` and the form's framing)",
-        param="file",
-        code="file_too_large",
-    )
-
-
-def _bounded(receive: Receive, limit: int) -> Receive:
-    """`receive`, failing with a 413 once the body has grown past `limit` bytes (a chunked upload has no length)."""
-    size = 0
-
-    async def bounded() -> Message:
-        nonlocal size
-        message = await receive()
-        if message["type"] == "http.request":
-            size += len(message.get("body", b""))
-            if size > limit:
-                raise _upload_too_large(limit)  # raised inside the route's form parsing: its error handler answers
-        return message
-
-    return bounded
-
-
 app = ServedAPI(
     title="modelfleet",
     summary="OpenAI-compatible API over a Ray Serve model cluster",
@@ -263,13 +112,13 @@ app = ServedAPI(
 
 
 @app.exception_handler(RequestValidationError)
-async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+async def _on_validationerror_response(request: Request, exc: RequestValidationError) -> JSONResponse:
     message, param = validation_message(exc.errors())
-    return _error(InvalidRequestError(message, param=param), _request_id(request))
+    return error_response(InvalidRequestError(message, param=param), _request_id(request))
 
 
 @app.exception_handler(StarletteHTTPException)
-async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+async def _on_httperror_response(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     status = exc.status_code
     kind = {401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error"}.get(status)
     body = ErrorResponse(error=ErrorBody(message=str(exc.detail), type=kind or "invalid_request_error", code=status))
@@ -289,16 +138,16 @@ def _allowed_methods(request: Request) -> str:
 
 
 @app.exception_handler(ServingError)
-async def _on_serving_error(request: Request, exc: ServingError) -> JSONResponse:
-    return _error(exc, _request_id(request))
+async def _on_servingerror_response(request: Request, exc: ServingError) -> JSONResponse:
+    return error_response(exc, _request_id(request))
 
 
 @app.exception_handler(Exception)
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
-    return _error(exc, _request_id(request))
+    return error_response(exc, _request_id(request))
 
 
-app.add_middleware(_LimitsMiddleware)
+app.add_middleware(LimitsMiddleware)
 app.include_router(files.router)
 app.include_router(batches.router)
 
@@ -326,8 +175,8 @@ class OpenAIIngress:
         self.pipelines = Pipelines(self.router, pipelines, config.router.request_timeout_s)
         files.configure(config.batches)
         batches.configure({m.spec.id: m for m in models or [plan_model(spec) for spec in config.models]})
-        _limits.max_body_bytes = config.router.max_body_bytes
-        _limits.api_keys = tuple(k.get_secret_value().encode() for k in config.router.api_keys)
+        limits.max_body_bytes = config.router.max_body_bytes
+        limits.api_keys = tuple(k.get_secret_value().encode() for k in config.router.api_keys)
         # The OpenAPI document names the served models, so schema-driven clients generate requests this config takes.
         ServedAPI.served = tuple(config.models)
         # Routing moves bytes; the engines' processes come first when the CPU is contended.

@@ -15,6 +15,7 @@ import pytest
 
 from deployments import metrics, timing
 from deployments.api import ingress
+from deployments.api import limits as limits_mod
 from deployments.engines.protocol import EmbedResult, GenerateChunk, ReplicaTimes
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -173,11 +174,15 @@ async def _app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 
 def test_middleware_counts_every_request_with_its_status(recorded: list[Any], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ingress._limits, "api_keys", (b"secret",))
-    middleware = ingress._LimitsMiddleware(_app)
+    monkeypatch.setattr(limits_mod.limits, "api_keys", (b"secret",))
+    middleware = limits_mod.LimitsMiddleware(_app)
+
+    async def served(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        scope["app"] = ingress.app  # as Starlette does before its middleware: the known paths are its routes
+        await middleware(scope, receive, send)
 
     async def run() -> list[int]:
-        transport = httpx.ASGITransport(app=middleware)
+        transport = httpx.ASGITransport(app=served)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             key = {"Authorization": "Bearer secret"}
             answers = [
