@@ -68,7 +68,7 @@ class _TextPart(_Request):
 
 class _Message(_Request):
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[_TextPart] | None = None
+    content: str | Annotated[list[_TextPart], Field(min_length=1)] | None = None
     name: str | None = Field(None, description="The participant's name; passed to the chat template.")
     tool_calls: list[MessageToolCall] | None = Field(None, description="assistant turns: the calls the model made.")
     tool_call_id: str | None = Field(None, description="tool turns: the call this result answers.")

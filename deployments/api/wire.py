@@ -7,11 +7,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, field_validator, model_validator
 
-__all__ = ["OnlyFalse", "OnlyTrue", "WireRequest", "same_type"]
+__all__ = ["MAX_DEPTH", "OnlyFalse", "OnlyTrue", "WireRequest", "same_type"]
 
 # A lone UTF-16 surrogate (`"\ud800"` in JSON) decodes to a Python str that cannot be encoded as UTF-8: tokenizers,
 # Ray and the response writer would all fail on it later, as a 500.
 _SURROGATE = re.compile("[\ud800-\udfff]")
+# The deepest nesting of arrays and objects a body may have. The JSON parser takes about a thousand levels, but
+# everything after it (these validators, pydantic, Ray's serialiser) recurses too and would fail on it as a 500.
+# OpenAI's own structured-output schemas allow 10 levels; tool schemas and messages nest far less than this.
+MAX_DEPTH = 64
 
 
 def _has_surrogate(value: Any) -> bool:
@@ -22,6 +26,22 @@ def _has_surrogate(value: Any) -> bool:
     if isinstance(value, dict):
         return any(_has_surrogate(k) or _has_surrogate(v) for k, v in value.items())
     return False  # numbers, booleans, None; nested models check their own fields
+
+
+def _depth(value: Any) -> int:
+    """How deeply `value`'s lists and dicts nest (0 for a scalar), counted without recursion: the value is hostile."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list | tuple) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > MAX_DEPTH:
+            return deepest
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def _json_integers(value: Any) -> Any:
@@ -64,6 +84,8 @@ class WireRequest(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _integers_as_json_schema_has_them(cls, data: Any) -> Any:
+        if _depth(data) > MAX_DEPTH:
+            raise ValueError(f"the body nests arrays and objects more than {MAX_DEPTH} levels deep")
         return _json_integers(data)
 
     @field_validator("*", mode="after")
