@@ -100,6 +100,16 @@ def overview(p: Panels) -> dashboard.Dashboard:
                 width=24,
             )
         )
+        .with_panel(
+            p.series(
+                "Pipeline requests/s by pipeline and status",
+                "HTTP requests that named a pipeline (`model` is the pipeline id); each is also counted under the "
+                "model that answered it in the panels above.",
+                [(rate(m.PIPELINE_REQUESTS.exported, s, "model, status"), "{{model}} {{status}}")],
+                unit="reqps",
+                width=24,
+            )
+        )
     )
     return (
         board.with_row(p.row("Tokens and load"))

@@ -12,11 +12,14 @@ from typing import TypeVar, cast
 from deployments import metrics
 from deployments.engines.protocol import (
     ClassifyRequest,
+    ClassifyResult,
     EmbedRequest,
     EmbedResult,
     GenerateChunk,
     GenerateRequest,
     PoolingOptions,
+    ScoreRequest,
+    ScoreResult,
 )
 from deployments.errors import (
     ColdStartError,
@@ -37,6 +40,9 @@ T = TypeVar("T")
 # Failures after which a fallback tries its next target: the target is full (429), has no replica or lost it
 # (503), or ran past its step timeout (408). A client error (4xx) would fail the same way everywhere.
 _FALL_THROUGH = (OverloadedError, ColdStartError, EngineDeadError, RequestTimeoutError)
+# The one-shot requests (no stream) a pipeline passes to its models, and their results.
+Pooled = EmbedRequest | ClassifyRequest | ScoreRequest
+PooledResult = EmbedResult | ClassifyResult | ScoreResult
 
 
 @dataclass
@@ -48,6 +54,8 @@ class CallContext:
     metadata: Mapping[str, str] = field(default_factory=dict)
     #: The models that answered, in the order they did (each once).
     models: list[str] = field(default_factory=list)
+    #: A classification ensemble that votes: per input, how many models gave each label (the outermost one's).
+    votes: list[dict[str, int]] | None = None
 
     def answered(self, model_id: str) -> None:
         """Record that `model_id` answered a step."""
@@ -60,7 +68,7 @@ class _Step:
     """A model (or an ensemble, run as one step) that can answer, with the request it gets."""
 
     target: str
-    payload: GenerateRequest | EmbedRequest
+    payload: GenerateRequest | Pooled
     timeout_s: float
 
 
@@ -164,7 +172,7 @@ class Pipelines:
             return
         raise _exhausted(pipeline_id, failures)
 
-    # -- embed -------------------------------------------------------------------------------------------------
+    # -- embed, classify, score -------------------------------------------------------------------------------
 
     async def embed(self, pipeline_id: str, request: EmbedRequest, ctx: CallContext) -> EmbedResult:
         """The pipeline's embeddings.
@@ -172,22 +180,46 @@ class Pipelines:
         Raises:
             ServingError: as `complete`.
         """
+        return cast("EmbedResult", await self._pooled(pipeline_id, request, ctx))
+
+    async def classify(self, pipeline_id: str, request: ClassifyRequest, ctx: CallContext) -> ClassifyResult:
+        """The pipeline's classifications (an ensemble: merged by its `merge`; `ctx.votes` has a vote's tallies).
+
+        Raises:
+            ServingError: as `complete`.
+        """
+        return cast("ClassifyResult", await self._pooled(pipeline_id, request, ctx))
+
+    async def score(self, pipeline_id: str, request: ScoreRequest, ctx: CallContext) -> ScoreResult:
+        """The pipeline's scores (for /score and /rerank).
+
+        Raises:
+            ServingError: as `complete`.
+        """
+        return cast("ScoreResult", await self._pooled(pipeline_id, request, ctx))
+
+    async def _pooled(self, pipeline_id: str, request: Pooled, ctx: CallContext) -> PooledResult:
         failures: list[tuple[str, ServingError]] = []
         async for step in self._steps(pipeline_id, request, ctx):
             try:
-                return await self._embed_step(pipeline_id, step, ctx)
+                return await self._pooled_step(pipeline_id, step, ctx)
             except _FALL_THROUGH as exc:
                 failures.append((step.target, exc))
         raise _exhausted(pipeline_id, failures)
 
-    async def _embed_step(self, pipeline_id: str, step: _Step, ctx: CallContext) -> EmbedResult:
-        payload = cast("EmbedRequest", step.payload)
+    def _call(self, target: str, payload: Pooled) -> Awaitable[PooledResult]:
+        if isinstance(payload, EmbedRequest):
+            return self.router.embed(target, payload)
+        if isinstance(payload, ClassifyRequest):
+            return self.router.classify(target, payload)
+        return self.router.score(target, payload)
+
+    async def _pooled_step(self, pipeline_id: str, step: _Step, ctx: CallContext) -> PooledResult:
+        payload = cast("Pooled", step.payload)
         plan = self.plans.get(step.target)
         if plan is None:
             try:
-                result = await self._limit(
-                    self.router.embed(step.target, payload), pipeline_id, step.target, step.timeout_s
-                )
+                result = await self._limit(self._call(step.target, payload), pipeline_id, step.target, step.timeout_s)
             except _FALL_THROUGH:
                 raise
             except ServingError as exc:
@@ -196,19 +228,30 @@ class Pipelines:
             return result
         # An ensemble: every target at once, each through its own steps (a target may itself be a pipeline).
         targets = [t.model for t in plan.spec.targets or ()]
-        results = await asyncio.gather(*(self._embed_one(pipeline_id, t, payload, ctx) for t in targets))
-        merged = nodes.merge_embeddings([r.embeddings for r in results], plan.spec.merge or "", targets)
-        return EmbedResult(embeddings=merged, prompt_tokens=sum(r.prompt_tokens for r in results))
+        results = await asyncio.gather(
+            *(self._pooled_one(pipeline_id, t, payload, ctx, step.timeout_s) for t in targets)
+        )
+        merge = plan.spec.merge or ""
+        if isinstance(payload, ClassifyRequest):
+            per_model = [cast("ClassifyResult", r).classifications for r in results]
+            merged, tallies = nodes.merge_classifications(per_model, merge, targets, plan.labels)
+            ctx.votes = list(tallies) if merge == "vote" else None  # the outermost ensemble's, set last
+            tokens = sum(r.prompt_tokens for r in results)
+            return ClassifyResult(classifications=merged, prompt_tokens=tokens)
+        vectors = nodes.merge_embeddings([cast("EmbedResult", r).embeddings for r in results], merge, targets)
+        return EmbedResult(embeddings=vectors, prompt_tokens=sum(r.prompt_tokens for r in results))
 
-    async def _embed_one(self, pipeline_id: str, target: str, request: EmbedRequest, ctx: CallContext) -> EmbedResult:
+    async def _pooled_one(
+        self, pipeline_id: str, target: str, request: Pooled, ctx: CallContext, timeout_s: float
+    ) -> PooledResult:
         if target in self.plans:
-            return await self.embed(target, request, ctx)
-        return await self._embed_step(pipeline_id, _Step(target, request, self._timeout_s), ctx)
+            return await self._pooled(target, request, ctx)
+        return await self._pooled_step(pipeline_id, _Step(target, request, timeout_s), ctx)
 
     # -- resolution --------------------------------------------------------------------------------------------
 
     async def _steps(
-        self, target: str, payload: GenerateRequest | EmbedRequest, ctx: CallContext, timeout_s: float | None = None
+        self, target: str, payload: GenerateRequest | Pooled, ctx: CallContext, timeout_s: float | None = None
     ) -> AsyncIterator[_Step]:
         """The models that may answer `payload` sent to `target`, in the order to try them (more than one only
         under a fallback). Ensembles are yielded whole: they run as one step."""
@@ -274,15 +317,17 @@ class Pipelines:
         request = ClassifyRequest(
             request_id=f"{request_id}-classify", inputs=(text,), options=PoolingOptions(truncate_prompt_tokens=-1)
         )
-        try:
-            result = await self._limit(
-                self.router.classify(spec.classifier, request), spec.id, spec.classifier, timeout_s
-            )
-        except ServingError as exc:
-            raise _named(spec.id, spec.classifier, exc) from None
-        ctx.answered(spec.classifier)
-        best = result.classifications[0]
-        return best.label if best.label is not None else str(max(range(len(best.probs)), key=best.probs.__getitem__))
+        if spec.classifier in self.plans:  # a pipeline of classifiers (an ensemble's vote, a fallback...)
+            result = await self.classify(spec.classifier, request, ctx)
+        else:
+            try:
+                result = await self._limit(
+                    self.router.classify(spec.classifier, request), spec.id, spec.classifier, timeout_s
+                )
+            except ServingError as exc:
+                raise _named(spec.id, spec.classifier, exc) from None
+            ctx.answered(spec.classifier)
+        return nodes.label_of(result.classifications[0])
 
     async def _limit(self, awaitable: Awaitable[T], pipeline_id: str, target: str, timeout_s: float) -> T:
         """Await one step within its timeout (a RequestTimeoutError naming the step past it), and record its latency
@@ -306,10 +351,15 @@ class Pipelines:
             metrics.observe(metrics.PIPELINE_STEP_LATENCY, time.monotonic() - started, tags)
 
 
-def _prompt_text(payload: GenerateRequest | EmbedRequest) -> str:
-    """The text a switch looks at: every message's content, the prompt, or the embedding inputs."""
+def _prompt_text(payload: GenerateRequest | Pooled) -> str:
+    """The text a switch looks at: every message's content, the prompt, the embedding or classification inputs
+    (text ones), or the score queries."""
     if isinstance(payload, EmbedRequest):
         return "\n".join(payload.inputs)
+    if isinstance(payload, ClassifyRequest):
+        return "\n".join(text for text in payload.inputs if isinstance(text, str))
+    if isinstance(payload, ScoreRequest):
+        return "\n".join(payload.queries)
     if payload.messages is not None:
         return "\n".join(m.content for m in payload.messages)
     return payload.prompt or ""

@@ -8,12 +8,14 @@ import random
 import re
 from collections.abc import Mapping, Sequence
 
-from deployments.engines.protocol import ChatMessage, GenerateRequest
+from deployments.engines.protocol import ChatMessage, Classification, GenerateRequest
 from deployments.errors import InvalidRequestError
 from deployments.pipelines.spec import PipelineSpec, SwitchRule
 
 __all__ = [
     "estimate_tokens",
+    "label_of",
+    "merge_classifications",
     "merge_embeddings",
     "question_of",
     "render",
@@ -140,3 +142,63 @@ def merge_embeddings(
             )
         merged.append(tuple(sum(col) / len(per_model) for col in zip(*per_model, strict=True)))
     return tuple(merged)
+
+
+def label_of(classification: Classification) -> str:
+    """The name a classification's most likely class votes with: its label, else its class index (as text)."""
+    if classification.label is not None:
+        return classification.label
+    return str(max(range(len(classification.probs)), key=classification.probs.__getitem__))
+
+
+def merge_classifications(
+    results: Sequence[Sequence[Classification]],
+    merge: str,
+    names: Sequence[str],
+    labels: Sequence[str] | None = None,
+) -> tuple[tuple[Classification, ...], tuple[dict[str, int], ...]]:
+    """Each input's classification from every model, merged by majority ('vote') or by mean probabilities
+    ('average'); with each input's votes (label -> how many models gave it as their most likely class).
+
+    'vote': the label most models give wins; a tie goes to the tied label whose voters' probabilities for it sum
+    highest, then to the label of the earliest model (in `results` order). The answer's `probs` are those of the
+    first model that voted for the winner. 'average': the mean probability vector, and its most likely class (the
+    first of equal ones), named by `labels` (the models' shared labels, when known), else as a model whose own most
+    likely class it is names it, else None.
+
+    Raises:
+        InvalidRequestError: 'average' over models with different class counts (the message names them).
+    """
+    merged: list[Classification] = []
+    tallies: list[dict[str, int]] = []
+    for per_model in zip(*results, strict=True):
+        votes = [label_of(c) for c in per_model]
+        tally = dict.fromkeys(votes, 0)  # in first-vote order: the order of the models
+        for vote in votes:
+            tally[vote] += 1
+        tallies.append(tally)
+        if merge == "vote":
+            weight = {label: 0.0 for label in tally}
+            for vote, c in zip(votes, per_model, strict=True):
+                weight[vote] += max(c.probs)
+            # max() keeps the first of equal keys, and `tally` is in model order: the earliest model breaks ties.
+            winner = max(tally, key=lambda label: (tally[label], weight[label]))
+            merged.append(per_model[votes.index(winner)])
+            continue
+        sizes = {len(c.probs) for c in per_model}
+        if len(sizes) != 1:
+            got = ", ".join(f"{n}: {len(c.probs)}" for n, c in zip(names, per_model, strict=True))
+            raise InvalidRequestError(
+                f"this ensemble averages classifications with different numbers of classes ({got}); its `merge` "
+                "must be 'vote'",
+                param="model",
+            )
+        probs = tuple(sum(col) / len(per_model) for col in zip(*(c.probs for c in per_model), strict=True))
+        best = max(range(len(probs)), key=probs.__getitem__)
+        if labels is not None and len(labels) == len(probs):
+            label: str | None = labels[best]
+        else:
+            argmaxes = [max(range(len(c.probs)), key=c.probs.__getitem__) for c in per_model]
+            label = next((c.label for c, top in zip(per_model, argmaxes, strict=True) if top == best), None)
+        merged.append(Classification(probs=probs, label=label))
+    return tuple(merged), tuple(tallies)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import string
 from collections.abc import Iterable, Sequence
@@ -10,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from models.spec import FrozenModel, ModelSpec
+from models.spec import FrozenModel, ModelSpec, served_names
 
 __all__ = [
     "DOCUMENTS_ROOT",
@@ -20,6 +21,7 @@ __all__ = [
     "PipelineTarget",
     "RetrieveConfig",
     "SwitchRule",
+    "classifier_labels",
     "plan_pipelines",
 ]
 
@@ -46,6 +48,8 @@ _REQUIRED: dict[str, tuple[str, ...]] = {
     "fallback": ("targets",),
 }
 _KIND_DEFAULTS = {"sticky_header": "x-session-id"}
+# The merges an ensemble offers for each task its targets serve.
+_ENSEMBLE_MERGES: dict[str, tuple[str, ...]] = {"embed": ("concatenate", "average"), "classify": ("vote", "average")}
 _HEADER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,63}$")
 
 
@@ -168,8 +172,8 @@ class PipelineSpec(FrozenModel):
         description=(
             "'sequence': retrieve passages, fill `template`, answer with `model`. 'switch': the first rule that "
             "matches picks the target, else `default`. 'ensemble': every target at once, outputs merged by `merge` "
-            "(embeddings). 'split': weighted traffic split, sticky per user. 'fallback': the first target, and "
-            "the next one when it answers 429/503, times out or dies before its first token."
+            "(embeddings or classifications). 'split': weighted traffic split, sticky per user. 'fallback': the "
+            "first target, and the next one when it answers 429/503, times out or dies before its first token."
         )
     )
     description: str | None = Field(None, description="What the pipeline is for (shown in /v1/models).")
@@ -191,8 +195,14 @@ class PipelineSpec(FrozenModel):
         "prompt), `{passages}` (the retrieved passages, one per paragraph) and `{label}` (the `classifier`'s label). "
         "Literal braces are doubled.",
     )
-    merge: Literal["concatenate", "average"] | None = Field(
-        None, description="ensemble of embedding models: join the vectors, or average them (equal sizes)."
+    merge: Literal["concatenate", "average", "vote"] | None = Field(
+        None,
+        description="ensemble: how the targets' outputs are merged. Embedding models: 'concatenate' joins the "
+        "vectors, 'average' averages them (equal sizes). Classification models: 'vote' takes each input's majority "
+        "label (labels compared by name, so the models need not share a label set; a tie goes to the label whose "
+        "voters' summed probability is highest, then to the label of the earliest target; `probs` are those of the "
+        "first target that voted for the winner); 'average' averages the probability vectors (the models must "
+        "have the same labels in the same order) and takes the most likely label.",
     )
     sticky_header: str | None = Field(
         None,
@@ -293,6 +303,11 @@ class PipelinePlan(FrozenModel):
     spec: PipelineSpec
     task: Task = Field(description="The task the pipeline serves, from its targets ('generate', 'embed', ...).")
     models: tuple[str, ...] = Field(description="Every served model the pipeline may call, through nested ones too.")
+    labels: tuple[str, ...] | None = Field(
+        None,
+        description="A classification ensemble merging by 'average': its models' shared labels, in class order, "
+        "when a model folder is on the planning machine (they name the averaged class); else None.",
+    )
 
 
 def plan_pipelines(models: Sequence[ModelSpec], pipelines: Iterable[PipelineSpec]) -> tuple[PipelinePlan, ...]:
@@ -300,9 +315,12 @@ def plan_pipelines(models: Sequence[ModelSpec], pipelines: Iterable[PipelineSpec
 
     Raises:
         ValueError: a pipeline id is taken, a target is unknown, pipelines call each other in a cycle, a step
-            serves the wrong task, or a rule can never match; the message names the field and the fix.
+            serves the wrong task, a rule can never match, an ensemble's `merge` does not fit its task, or an
+            'average' of classifiers whose folders give different labels; the message names the field and the fix.
     """
-    tasks: dict[str, str] = {m.id: m.task for m in models}
+    # Targets name models as requests do: `id@version`, or the bare id for the default version.
+    by_id = served_names(models)
+    tasks: dict[str, str] = {name: m.task for name, m in by_id.items()}
     specs = list(pipelines)
     index: dict[str, int] = {}
     for i, p in enumerate(specs):
@@ -339,7 +357,11 @@ def plan_pipelines(models: Sequence[ModelSpec], pipelines: Iterable[PipelineSpec
                 step_task[where], reach = sub.task, [*reach, *sub.models]
             else:
                 step_task[where], reach = tasks[target], [*reach, target]
-        plan = PipelinePlan(spec=spec, task=_task_of(i, spec, step_task), models=tuple(dict.fromkeys(reach)))
+        task, reached = _task_of(i, spec, step_task), tuple(dict.fromkeys(reach))
+        labels = None
+        if spec.kind == "ensemble" and spec.merge == "average" and task == "classify":
+            labels = _same_labels(i, [by_id[m] for m in reached])
+        plan = PipelinePlan(spec=spec, task=task, models=reached, labels=labels)
         planned[pid] = plan
         return plan
 
@@ -374,14 +396,47 @@ def _task_of(i: int, spec: PipelineSpec, step_task: dict[str, str]) -> Task:
                 f"{where}.{path}: serves task '{task}' but {where}.{first_where} serves '{first}': every target "
                 "of a pipeline must serve the same task"
             )
-    if spec.kind == "ensemble" and first != "embed":
-        raise ValueError(
-            f"{where}.targets: an ensemble merges embeddings; its targets serve task '{first}' (use a split or "
-            "fallback for other tasks)"
-        )
-    if spec.kind in ("split", "fallback", "switch") and first not in ("generate", "embed"):
-        raise ValueError(f"{where}: a '{spec.kind}' pipeline serves 'generate' or 'embed' models, not '{first}'")
-    return first  # type: ignore[return-value]  # one of the model tasks, checked above
+    if spec.kind == "ensemble":
+        merges = _ENSEMBLE_MERGES.get(first)
+        if merges is None:
+            raise ValueError(
+                f"{where}.targets: an ensemble merges embeddings or classifications; its targets serve task "
+                f"'{first}' (use a split or fallback for other tasks)"
+            )
+        if spec.merge not in merges:
+            choices = " or ".join(repr(m) for m in merges)
+            raise ValueError(f"{where}.merge: '{spec.merge}' does not merge task '{first}'; use {choices}")
+    return first  # type: ignore[return-value]  # one of the model tasks
+
+
+def _same_labels(i: int, models: Sequence[ModelSpec]) -> tuple[str, ...] | None:
+    """An 'average' of classifications adds probabilities class by class: every model the ensemble may reach must
+    have the same labels in the same order. Checked for the models whose folder is here (its config.json's
+    id2label); the others are checked on each answer (their class counts must match). Returns the labels, if
+    known."""
+    known = [(m.id, labels) for m in models if (labels := classifier_labels(m)) is not None]
+    for model_id, labels in known[1:]:
+        if labels != known[0][1]:
+            raise ValueError(
+                f"pipelines.{i}.merge: 'average' adds the probabilities class by class, but '{known[0][0]}' has "
+                f"labels {list(known[0][1])} and '{model_id}' has {list(labels)}: use merge 'vote' (it compares "
+                "labels by name), or targets with the same labels in the same order"
+            )
+    return known[0][1] if known else None
+
+
+def classifier_labels(model: ModelSpec) -> tuple[str, ...] | None:
+    """A classification model's labels in class order (its config.json's id2label, else its class count as
+    'LABEL_<i>', as transformers names them), when `source` is a model folder on this machine; else None."""
+    if model.task != "classify" or not model.source:
+        return None
+    config = Path(model.source).expanduser() / "config.json"
+    try:
+        data = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return None  # a packaged model's name, or a folder of another machine: checked on its answers
+    id2label = data.get("id2label") or {str(k): f"LABEL_{k}" for k in range(int(data.get("num_labels", 2)))}
+    return tuple(str(id2label[key]) for key in sorted(id2label, key=int))
 
 
 def _check_unreachable(i: int, spec: PipelineSpec) -> None:

@@ -1,14 +1,16 @@
 """The router's added latency per pipeline step: each pipeline kind against calling its step's model directly.
 
-Run: `HF_HUB_OFFLINE=1 .venv/bin/python docs/bench/pipeline_overhead.py [--requests 300]`. It starts its own local
-Ray cluster (loopback, free port, its own temp folder), serves echo models and one pipeline of each kind, and sends
-sequential (concurrency 1) non-streamed requests, interleaved round-robin so that every row sees the same noise.
-Prints a markdown table: p50/p99 of the direct call and of the pipeline, and their difference per step.
+Run: `HF_HUB_OFFLINE=1 .venv/bin/python docs/bench/pipeline_overhead.py [--requests 300] [--only unary|stream]`.
+It starts its own local Ray cluster (loopback, free port, its own temp folder), serves echo models and one pipeline
+of each kind, and sends sequential (concurrency 1) requests, interleaved round-robin so that every row sees the same
+noise. Prints two markdown tables: non-streamed requests (p50/p99 of the direct call and of the pipeline, and their
+difference per step), and streamed chat (time to the first content token and to the end of the stream, both ways).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import statistics
 import tempfile
@@ -26,6 +28,14 @@ CASES: list[tuple[str, str, str, int]] = [
     ("sequence (retrieve + answer)", "p-sequence", "embed+gen", 2),
     ("ensemble of 2 embedding models", "p-ensemble", "emb-a", 2),
 ]
+# Streamed chat: the generation pipelines (an ensemble does not stream).
+STREAM_CASES = [case for case in CASES if case[1] != "p-ensemble"]
+# Streamed answers: the echo model repeats the prompt's words, one token per word. The question has 20 words and a
+# sequence's filled prompt more, so every answer (direct or not) is cut at the same STREAM_TOKENS tokens.
+STREAM_TEXT = (
+    "request {i} of the streamed overhead run with nineteen words in its prompt so the answers have all of them"
+)
+STREAM_TOKENS = 16
 
 
 def _config(port: int) -> dict[str, Any]:
@@ -77,8 +87,31 @@ def _send(http: httpx.Client, model: str, text: str) -> float:
     return (time.perf_counter() - started) * 1000
 
 
-def _chat(model: str, text: str) -> dict[str, Any]:
-    return {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": 4}
+def _chat(model: str, text: str, max_tokens: int = 4) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens}
+
+
+def _stream(http: httpx.Client, model: str, text: str) -> tuple[float, float]:
+    """(time to the first content token, time to the end of the stream), in ms, of one streamed chat."""
+    started = time.perf_counter()
+    if model == "embed+gen":  # the sequence by hand: embed, then the streamed chat
+        _ok(http.post("/v1/embeddings", json={"model": "emb-a", "input": text}))
+        model = "gen-a"
+    first = 0.0
+    body = {**_chat(model, text, STREAM_TOKENS), "stream": True}
+    with http.stream("POST", "/v1/chat/completions", json=body) as response:
+        if response.status_code != 200:
+            raise SystemExit(f"{response.status_code}: {response.read().decode()}")
+        for line in response.iter_lines():
+            if not first and line.startswith("data: {") and _content(json.loads(line[len("data: ") :])):
+                first = time.perf_counter()
+    if not first:
+        raise SystemExit(f"{model}: the stream carried no content")
+    return (first - started) * 1000, (time.perf_counter() - started) * 1000
+
+
+def _content(event: dict[str, Any]) -> bool:
+    return any((choice.get("delta") or {}).get("content") for choice in event.get("choices") or ())
 
 
 def _ok(response: httpx.Response) -> None:
@@ -93,6 +126,7 @@ def _pct(values: list[float], q: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=300, help="requests per row and system")
+    parser.add_argument("--only", choices=("unary", "stream"), help="run one of the two tables only")
     args = parser.parse_args()
     import ray
     from ray import serve
@@ -112,25 +146,66 @@ def main() -> None:
                 for _, pipeline, direct, _ in CASES:
                     _send(http, pipeline, "warm up the path")
                     _send(http, direct, "warm up the path")
-            times: dict[str, list[float]] = {name: [] for _, p, d, _ in CASES for name in (p, d)}
-            for i in range(args.requests):
-                for _, pipeline, direct, _ in CASES:
-                    text = f"request {i} of the overhead run"
-                    times[direct].append(_send(http, direct, text))
-                    times[pipeline].append(_send(http, pipeline, text))
-        print("| pipeline | steps | direct p50 / p99 (ms) | pipeline p50 / p99 (ms) | added per step p50 / p99 (ms) |")
-        print("|---|---|---|---|---|")
-        for row, pipeline, direct, steps in CASES:
-            d50, d99 = _pct(times[direct], 50), _pct(times[direct], 99)
-            p50, p99 = _pct(times[pipeline], 50), _pct(times[pipeline], 99)
-            print(
-                f"| {row} | {steps} | {d50:.1f} / {d99:.1f} | {p50:.1f} / {p99:.1f} | "
-                f"{(p50 - d50) / steps:.1f} / {(p99 - d99) / steps:.1f} |"
-            )
+                for _, pipeline, direct, _ in STREAM_CASES:
+                    _stream(http, pipeline, "warm up the streamed path")
+                    _stream(http, direct, "warm up the streamed path")
+            if args.only != "stream":
+                _unary_table(http, args.requests)
+            if args.only != "unary":
+                _stream_table(http, args.requests)
     finally:
         serve.shutdown()
         ray.shutdown()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _unary_table(http: httpx.Client, requests: int) -> None:
+    times: dict[str, list[float]] = {name: [] for _, p, d, _ in CASES for name in (p, d)}
+    for i in range(requests):
+        for _, pipeline, direct, _ in CASES:
+            text = f"request {i} of the overhead run"
+            times[direct].append(_send(http, direct, text))
+            times[pipeline].append(_send(http, pipeline, text))
+    print("| pipeline | steps | direct p50 / p99 (ms) | pipeline p50 / p99 (ms) | added per step p50 / p99 (ms) |")
+    print("|---|---|---|---|---|")
+    for row, pipeline, direct, steps in CASES:
+        d50, d99 = _pct(times[direct], 50), _pct(times[direct], 99)
+        p50, p99 = _pct(times[pipeline], 50), _pct(times[pipeline], 99)
+        print(
+            f"| {row} | {steps} | {d50:.1f} / {d99:.1f} | {p50:.1f} / {p99:.1f} | "
+            f"{(p50 - d50) / steps:.1f} / {(p99 - d99) / steps:.1f} |"
+        )
+
+
+def _stream_table(http: httpx.Client, requests: int) -> None:
+    """Streamed chat, pipeline and direct interleaved: time to first token and total, and the difference per step."""
+    ttft: dict[str, list[float]] = {name: [] for _, p, d, _ in STREAM_CASES for name in (p, d)}
+    total: dict[str, list[float]] = {name: [] for name in ttft}
+    for i in range(requests):
+        for _, pipeline, direct, _ in STREAM_CASES:
+            text = STREAM_TEXT.format(i=i)
+            for name in (direct, pipeline):
+                first, whole = _stream(http, name, text)
+                ttft[name].append(first)
+                total[name].append(whole)
+    print()
+    print(
+        "| pipeline, streamed | steps | TTFT direct p50 / p99 (ms) | TTFT pipeline p50 / p99 (ms) | "
+        "added TTFT per step p50 / p99 (ms) | total direct p50 / p99 (ms) | total pipeline p50 / p99 (ms) | "
+        "added total per step p50 / p99 (ms) |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for row, pipeline, direct, steps in STREAM_CASES:
+        cells = []
+        for series in (ttft, total):
+            d50, d99 = _pct(series[direct], 50), _pct(series[direct], 99)
+            p50, p99 = _pct(series[pipeline], 50), _pct(series[pipeline], 99)
+            cells += [
+                f"{d50:.1f} / {d99:.1f}",
+                f"{p50:.1f} / {p99:.1f}",
+                f"{(p50 - d50) / steps:.1f} / {(p99 - d99) / steps:.1f}",
+            ]
+        print(f"| {row} | {steps} | {' | '.join(cells)} |")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
-"""Pipelines on a real cluster, through the official `openai` client: split, fallback, switch, sequence (RAG),
-ensemble, streaming, and the `x-modelfleet-models` header that says which models answered."""
+"""Pipelines on a real cluster, through the official `openai` client (httpx for /classify, /score and /rerank,
+which it lacks): split, fallback, switch, sequence (RAG), ensembles of embeddings and of classifiers, streaming,
+the `x-modelfleet-models` header that says which models answered, and the pipeline request counter."""
 
 from __future__ import annotations
 
 import json
+import re
+import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +30,21 @@ PASSAGE = (
 TEMPLATE = "FACTS {passages} QUESTION {question}"
 # The tiny classifier's labels (models.tiny.TINY_CLASSIFIER_LABELS), each sent to its own target.
 MOOD_TARGETS = {"negative": "stable", "neutral": "canary", "positive": "spare"}
+# Inputs the classifier ensembles are checked on; with the heads below, the three classifiers disagree on some.
+MOOD_TEXTS = [
+    "the weather is fine today",
+    "I did not like that film at all",
+    "ok",
+    "the cat sees a big dog",
+    "hello thanks please",
+    "the king writes a letter to the queen",
+    "a quick red robot",
+    "no never very late",
+]
+VOTERS = ("mood", "mood-b", "mood-c")
+# Every label a vote can give (mood-c says 'upbeat'), each to a target.
+VOTE_TARGETS = {**MOOD_TARGETS, "upbeat": "spare"}
+METRICS_DEADLINE_S = 90.0  # Ray's metrics agent exports every few seconds
 
 
 def _echo(model_id: str, **fields: Any) -> dict[str, Any]:
@@ -50,8 +68,53 @@ def tiny_classifier(model_cache: Path) -> Path:
     return resolve_source("tiny-bert-classifier", cache_dir=model_cache)
 
 
+def _redrawn_head(source: Path, target: Path, seed: int, labels: tuple[str, ...] | None = None) -> Path:
+    """The tiny classifier with its classification head drawn again from `seed` (a second model that answers
+    differently), and its labels renamed when `labels` is given."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(source)
+    torch.manual_seed(seed)
+    model.classifier.weight.data.normal_(0.0, 0.2)
+    model.classifier.bias.data.zero_()
+    if labels is not None:
+        model.config.id2label = dict(enumerate(labels))
+        model.config.label2id = {label: i for i, label in enumerate(labels)}
+    model.save_pretrained(target, safe_serialization=True)
+    AutoTokenizer.from_pretrained(source).save_pretrained(target)
+    return target
+
+
 @pytest.fixture(scope="module")
-def base(deploy: Callable[[dict[str, Any]], str], tiny_llama: Path, tiny_bert: Path, tiny_classifier: Path) -> str:
+def mood_variants(tiny_classifier: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """mood-b: the same labels, another head; mood-c: another head, and 'upbeat' where the others say 'positive'."""
+    folder = tmp_path_factory.mktemp("moods")
+    return (
+        _redrawn_head(tiny_classifier, folder / "mood-b", 1),
+        _redrawn_head(tiny_classifier, folder / "mood-c", 6, ("negative", "neutral", "upbeat")),
+    )
+
+
+def _classifier(model_id: str, source: Path, task: str = "classify") -> dict[str, Any]:
+    return {
+        "id": model_id,
+        "task": task,
+        "engine": "transformers",
+        "source": str(source),
+        "resources": {"num_cpus": 0.25},
+    }
+
+
+@pytest.fixture(scope="module")
+def base(
+    deploy: Callable[[dict[str, Any]], str],
+    tiny_llama: Path,
+    tiny_bert: Path,
+    tiny_classifier: Path,
+    mood_variants: tuple[Path, Path],
+    cross_encoder_dir: Path,
+) -> str:
     return deploy(
         {
             "name": "pipelines",
@@ -86,13 +149,10 @@ def base(deploy: Callable[[dict[str, Any]], str], tiny_llama: Path, tiny_bert: P
                     "max_output_tokens": 16,
                     "resources": {"num_cpus": 0.5},
                 },
-                {
-                    "id": "mood",
-                    "task": "classify",
-                    "engine": "transformers",
-                    "source": str(tiny_classifier),
-                    "resources": {"num_cpus": 0.25},
-                },
+                _classifier("mood", tiny_classifier),
+                _classifier("mood-b", mood_variants[0]),
+                _classifier("mood-c", mood_variants[1]),
+                _classifier("cross", cross_encoder_dir, task="score"),
             ],
             "pipelines": [
                 {
@@ -152,6 +212,47 @@ def base(deploy: Callable[[dict[str, Any]], str], tiny_llama: Path, tiny_bert: P
                     "kind": "ensemble",
                     "targets": [{"model": "echo-embed"}, {"model": "echo-embed-8"}],
                     "merge": "concatenate",
+                },
+                {"id": "mood-vote", "kind": "ensemble", "targets": [{"model": m} for m in VOTERS], "merge": "vote"},
+                {
+                    "id": "mood-avg",
+                    "kind": "ensemble",
+                    "targets": [{"model": "mood"}, {"model": "mood-b"}],
+                    "merge": "average",
+                },
+                {
+                    "id": "mood-split",
+                    "kind": "split",
+                    "targets": [{"model": "mood", "weight": 50}, {"model": "mood-b", "weight": 50}],
+                },
+                # No classifier answers within a microsecond: every request falls back to mood-b.
+                {
+                    "id": "mood-hasty",
+                    "kind": "fallback",
+                    "targets": [{"model": "mood"}, {"model": "mood-c"}],
+                    "step_timeout_s": 0.000001,
+                },
+                {"id": "mood-safe", "kind": "fallback", "targets": [{"model": "mood-hasty"}, {"model": "mood-b"}]},
+                # A switch whose classifier is the voting ensemble.
+                {
+                    "id": "by-vote",
+                    "kind": "switch",
+                    "classifier": "mood-vote",
+                    "rules": [{"label": label, "model": target} for label, target in VOTE_TARGETS.items()],
+                    "default": "slowpoke",
+                },
+                # Called by the metrics test only, so that its counter starts from nothing.
+                {
+                    "id": "counted",
+                    "kind": "ensemble",
+                    "targets": [{"model": "mood"}, {"model": "mood-b"}],
+                    "merge": "vote",
+                },
+                {
+                    "id": "cross-switch",
+                    "kind": "switch",
+                    "rules": [{"header": "x-tier", "equals": "gold", "model": "cross"}],
+                    "default": "cross",
                 },
             ],
         }
@@ -350,3 +451,146 @@ def test_rag_example_answers_from_the_document_set(deploy: Callable[[dict[str, A
         model="rag", messages=[{"role": "user", "content": question}], max_tokens=40, temperature=0, stream=True
     )
     assert "Bellmarrow" in "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+
+# -- classification and scoring pipelines (httpx: the openai client has no /classify, /score or /rerank) ----------
+
+
+def _classify(http: httpx.Client, model: str, texts: list[str], **headers: str) -> httpx.Response:
+    response = http.post("/classify", json={"model": model, "input": texts}, headers=headers)
+    assert response.status_code == 200, response.text
+    return response
+
+
+def _expected_vote(answers: dict[str, list[dict[str, Any]]], i: int) -> tuple[str, dict[str, int]]:
+    """The vote's rules, written out again: majority, then the voters' summed probability, then target order."""
+    ballots = [(answers[m][i]["label"], max(answers[m][i]["probs"])) for m in VOTERS]
+    tally = Counter(label for label, _ in ballots)
+    weight: dict[str, float] = defaultdict(float)
+    for label, p in ballots:
+        weight[label] += p
+    most = max(tally.values())
+    tied = [label for label, _ in ballots if tally[label] == most]
+    best = max(weight[label] for label in tied)
+    return next(label for label in tied if weight[label] == best), dict(tally)
+
+
+def test_vote_ensemble_on_classify_merges_each_models_own_answer(http: httpx.Client) -> None:
+    answers = {m: _classify(http, m, MOOD_TEXTS).json()["data"] for m in VOTERS}
+    disagreements = [i for i in range(len(MOOD_TEXTS)) if len({answers[m][i]["label"] for m in VOTERS}) > 1]
+    assert disagreements, f"the three heads agree on every input: the vote is not exercised ({answers})"
+    response = _classify(http, "mood-vote", MOOD_TEXTS)
+    body = response.json()
+    assert set(response.headers[MODELS].split(",")) == set(VOTERS)
+    assert sorted(body["modelfleet"]["models"]) == sorted(VOTERS)
+    assert body["model"] == "mood-vote" and body["object"] == "list" and body["id"].startswith("classify-")
+    assert body["usage"]["prompt_tokens"] == sum(
+        _classify(http, m, MOOD_TEXTS).json()["usage"]["prompt_tokens"] for m in VOTERS
+    )
+    for i, item in enumerate(body["data"]):
+        label, tally = _expected_vote(answers, i)
+        assert item["index"] == i and item["label"] == label, (i, answers, item)
+        assert body["modelfleet"]["votes"][i] == tally
+        # The probabilities of the first voter for the winner: its own answer, whole.
+        first = next(m for m in VOTERS if answers[m][i]["label"] == label)
+        assert item["probs"] == pytest.approx(answers[first][i]["probs"], abs=1e-5)
+        assert item["num_classes"] == len(item["probs"])
+
+
+def test_average_ensemble_on_classify_is_the_mean_of_each_models_probabilities(http: httpx.Client) -> None:
+    answers = {m: _classify(http, m, MOOD_TEXTS).json()["data"] for m in ("mood", "mood-b")}
+    response = _classify(http, "mood-avg", MOOD_TEXTS)
+    body = response.json()
+    assert set(response.headers[MODELS].split(",")) == {"mood", "mood-b"} and "votes" not in body["modelfleet"]
+    labels = ("negative", "neutral", "positive")  # both models' id2label, in class order
+    for i, item in enumerate(body["data"]):
+        mean = [(a + b) / 2 for a, b in zip(answers["mood"][i]["probs"], answers["mood-b"][i]["probs"], strict=True)]
+        assert item["probs"] == pytest.approx(mean, abs=1e-5)
+        assert item["label"] == labels[max(range(3), key=mean.__getitem__)] and item["num_classes"] == 3
+
+
+def test_split_fallback_and_switch_on_classify(http: httpx.Client, client: openai.OpenAI) -> None:
+    direct = {m: _classify(http, m, MOOD_TEXTS[:3]).json()["data"] for m in ("mood", "mood-b")}
+    seen: dict[str, set[str]] = defaultdict(set)
+    for i in range(24):
+        user = f"reader-{i % 8}"
+        response = http.post("/classify", json={"model": "mood-split", "input": MOOD_TEXTS[:3], "user": user})
+        assert response.status_code == 200, response.text
+        target = response.headers[MODELS]
+        seen[user].add(target)
+        assert [d["label"] for d in response.json()["data"]] == [d["label"] for d in direct[target]]
+    assert all(len(t) == 1 for t in seen.values()), seen  # sticky per user
+    assert set().union(*seen.values()) == {"mood", "mood-b"}, seen  # 8 users, 50/50: both targets drawn
+    # Fallback: the first target (itself a fallback of two classifiers) times out at every step: mood-b answers.
+    response = _classify(http, "mood-safe", MOOD_TEXTS[:3])
+    assert response.headers[MODELS] == "mood-b"
+    assert [d["label"] for d in response.json()["data"]] == [d["label"] for d in direct["mood-b"]]
+    # A switch whose classifier is the voting ensemble: the vote's label picks the target.
+    text = MOOD_TEXTS[1]
+    label = _classify(http, "mood-vote", [text]).json()["data"][0]["label"]
+    answer, models = _chat(client, "by-vote", text)
+    assert answer == text and models.split(",")[-1] == VOTE_TARGETS[label]
+    assert set(models.split(",")[:-1]) == set(VOTERS)
+
+
+def test_classify_pipeline_errors_are_openai_errors(http: httpx.Client) -> None:
+    response = http.post("/classify", json={"model": "mood-vote", "input": [[101, 102, 103]]})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "input"
+    response = http.post("/classify", json={"model": "canary-split", "input": "x"})
+    assert response.status_code == 400 and "serves task 'generate'" in response.json()["error"]["message"]
+    response = http.post("/score", json={"model": "mood-split", "queries": "a", "documents": ["b"]})
+    assert response.status_code == 400 and "serves task 'classify'" in response.json()["error"]["message"]
+
+
+def test_score_and_rerank_through_a_switch(http: httpx.Client) -> None:
+    pairs = {"queries": "where is the capital", "documents": ["Paris is the capital of France", "a quick dog"]}
+    direct = http.post("/score", json={"model": "cross", **pairs}).json()
+    for headers in ({}, {"x-tier": "gold"}):
+        response = http.post("/score", json={"model": "cross-switch", **pairs}, headers=headers)
+        assert response.status_code == 200 and response.headers[MODELS] == "cross", response.text
+        scores = [d["score"] for d in response.json()["data"]]
+        assert scores == pytest.approx([d["score"] for d in direct["data"]], abs=1e-5)
+    body = {"model": "cross-switch", "query": pairs["queries"], "documents": pairs["documents"], "top_n": 1}
+    response = http.post("/v1/rerank", json=body)
+    assert response.status_code == 200 and response.headers[MODELS] == "cross", response.text
+    best = max(range(2), key=lambda i: direct["data"][i]["score"])
+    assert [r["index"] for r in response.json()["results"]] == [best]
+    assert response.json()["modelfleet"] == {"models": ["cross"]}
+
+
+def _pipeline_requests() -> dict[tuple[str, str, str], float]:
+    """`modelfleet_pipeline_requests` of this module's app by (pipeline, endpoint, status), summed over every
+    node's metrics port."""
+    import ray
+
+    totals: dict[tuple[str, str, str], float] = defaultdict(float)
+    pattern = re.compile(r"^ray_modelfleet_pipeline_requests_total\{([^}]*)\}\s+([0-9.eE+-]+)$")
+    for node in ray.nodes():
+        if not node.get("Alive") or not node.get("MetricsExportPort"):
+            continue
+        try:
+            text = httpx.get(f"http://127.0.0.1:{node['MetricsExportPort']}/metrics", timeout=10).text
+        except httpx.HTTPError:
+            continue
+        for line in text.splitlines():
+            match = pattern.match(line)
+            if match:
+                labels = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1)))
+                if labels.get("application") == "pipelines":
+                    totals[labels["model"], labels["endpoint"], labels["status"]] += float(match.group(2))
+    return totals
+
+
+def test_pipeline_requests_are_counted_by_pipeline_and_status(http: httpx.Client) -> None:
+    for _ in range(3):
+        _classify(http, "counted", ["count me"])
+    assert http.post("/classify", json={"model": "counted", "input": [[1, 2]]}).status_code == 400
+    expected = {("counted", "/classify", "200"): 3.0, ("counted", "/classify", "400"): 1.0}
+
+    def counted() -> dict[tuple[str, str, str], float]:
+        return {key: value for key, value in _pipeline_requests().items() if key[0] == "counted"}
+
+    deadline = time.monotonic() + METRICS_DEADLINE_S
+    while (got := counted()) != expected and time.monotonic() < deadline:
+        time.sleep(2)
+    assert got == expected, f"after {METRICS_DEADLINE_S:.0f} s the metrics ports show {got}, not {expected}"

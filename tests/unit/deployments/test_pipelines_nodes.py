@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from deployments.engines.protocol import ChatMessage, GenerateRequest
+from deployments.engines.protocol import ChatMessage, Classification, GenerateRequest
 from deployments.errors import InvalidRequestError
 from deployments.pipelines import nodes
 from deployments.pipelines.retrieval import PassageIndex, load_passages
@@ -134,3 +134,46 @@ def test_passages_and_nearest(tmp_path: Path) -> None:
     index = PassageIndex(passages, [(1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0)])
     assert index.nearest((0.9, 0.1, 0.0), 2) == ["alpha paragraph", "last one"]
     assert index.nearest((0, 0, 5), 1) == ["Second file, first paragraph."]
+
+
+def _cls(label: str | None, *probs: float) -> Classification:
+    return Classification(probs=probs, label=label)
+
+
+def test_vote_takes_the_majority_label_per_input() -> None:
+    a = [_cls("pos", 0.1, 0.9), _cls("neg", 0.6, 0.4)]
+    b = [_cls("pos", 0.3, 0.7), _cls("pos", 0.45, 0.55)]
+    c = [_cls("neg", 0.8, 0.2), _cls("neg", 0.7, 0.3)]
+    merged, votes = nodes.merge_classifications([a, b, c], "vote", ["a", "b", "c"])
+    assert [m.label for m in merged] == ["pos", "neg"]
+    assert votes == ({"pos": 2, "neg": 1}, {"neg": 2, "pos": 1})
+    # The probabilities are those of the first model that voted for the winner.
+    assert merged[0] is a[0] and merged[1] is a[1]
+
+
+def test_vote_breaks_ties_by_summed_probability_then_by_target_order() -> None:
+    # Label sets differ (3 classes and 2): labels are compared by name.
+    a = [_cls("neutral", 0.2, 0.5, 0.3), _cls("x", 0.6, 0.4)]
+    b = [_cls("positive", 0.1, 0.2, 0.7), _cls("y", 0.4, 0.6)]
+    merged, votes = nodes.merge_classifications([a, b], "vote", ["a", "b"])
+    assert votes[0] == {"neutral": 1, "positive": 1}
+    assert merged[0].label == "positive"  # 0.7 > 0.5
+    assert merged[1].label == "x"  # 0.6 each: the earlier target's label
+    # A model without label names votes with its class index.
+    merged, votes = nodes.merge_classifications([[_cls(None, 0.2, 0.8)], [_cls("1", 0.4, 0.6)]], "vote", ["a", "b"])
+    assert votes == ({"1": 2},) and merged[0].probs == (0.2, 0.8)
+
+
+def test_average_of_probabilities_and_its_label() -> None:
+    a = [_cls("neg", 0.6, 0.4)]
+    b = [_cls("pos", 0.2, 0.8)]
+    merged, _ = nodes.merge_classifications([a, b], "average", ["a", "b"])
+    assert merged[0].probs == pytest.approx((0.4, 0.6)) and merged[0].label == "pos"
+    # The mean's best class may be no model's own best: the load-time labels name it, else it is unnamed.
+    a, b = [_cls("x", 0.5, 0.45, 0.05)], [_cls("z", 0.05, 0.45, 0.5)]
+    merged, _ = nodes.merge_classifications([a, b], "average", ["a", "b"], ["x", "y", "z"])
+    assert merged[0].label == "y"
+    assert nodes.merge_classifications([a, b], "average", ["a", "b"])[0][0].label is None
+    with pytest.raises(InvalidRequestError) as info:
+        nodes.merge_classifications([a, [_cls("p", 0.5, 0.5)]], "average", ["a", "c"])
+    assert "a: 3, c: 2" in info.value.message and "must be 'vote'" in info.value.message

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -238,3 +239,95 @@ def test_classifier_mistakes_are_named() -> None:
     assert "rules.1: unreachable" in refused(
         {"id": "s", "kind": "switch", "classifier": "clf", "rules": labels, "default": "chat-a"}
     )
+
+
+# -- classification pipelines ---------------------------------------------------------------------------------------
+
+
+def _classifier(model_id: str, folder: Path, labels: list[str] | None) -> dict[str, Any]:
+    """A classify model whose folder holds only its config.json: what the load check reads."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config: dict[str, Any] = {"num_labels": len(labels) if labels else 2}
+    if labels:
+        config["id2label"] = {str(i): label for i, label in enumerate(labels)}
+    (folder / "config.json").write_text(json.dumps(config))
+    return {"id": model_id, "task": "classify", "engine": "transformers", "source": str(folder)}
+
+
+def _classifiers(tmp_path: Path, *labels: list[str] | None) -> list[dict[str, Any]]:
+    return [_classifier(f"cls-{i}", tmp_path / f"cls-{i}", lab) for i, lab in enumerate(labels)]
+
+
+def _ensemble(pid: str, merge: str, *targets: str) -> dict[str, Any]:
+    return {"id": pid, "kind": "ensemble", "targets": [{"model": t} for t in targets], "merge": merge}
+
+
+def _with(models: list[dict[str, Any]], *pipelines: dict[str, Any]) -> ServingConfig:
+    return ServingConfig.model_validate({"models": [*MODELS, *models], "pipelines": list(pipelines)})
+
+
+def test_classification_ensembles_splits_and_fallbacks(tmp_path: Path) -> None:
+    three = ["negative", "neutral", "positive"]
+    models = _classifiers(tmp_path, three, three, ["bad", "good"])
+    config = _with(
+        models,
+        _ensemble("avg", "average", "cls-0", "cls-1"),
+        _ensemble("vote", "vote", "cls-0", "cls-1", "cls-2"),  # vote: label sets may differ
+        _split("canary", "cls-0", "cls-1"),
+        {"id": "safe", "kind": "fallback", "targets": [{"model": "vote"}, {"model": "cls-2"}]},
+        {
+            "id": "gate",
+            "kind": "switch",
+            "classifier": "vote",
+            "rules": [{"label": "bad", "model": "chat-b"}],
+            "default": "chat-a",
+        },
+    )
+    plan = {p.spec.id: p for p in compile_plan(config).pipelines}
+    assert {pid: p.task for pid, p in plan.items()} == {
+        "avg": "classify",
+        "vote": "classify",
+        "canary": "classify",
+        "safe": "classify",
+        "gate": "generate",
+    }
+    assert plan["avg"].labels == tuple(three)  # the averaged class is named by them
+    assert plan["vote"].labels is None and plan["safe"].models == ("cls-0", "cls-1", "cls-2")
+
+
+def test_average_over_different_labels_is_refused_naming_merge(tmp_path: Path) -> None:
+    models = _classifiers(tmp_path, ["negative", "neutral", "positive"], ["negative", "positive", "neutral"])
+    with pytest.raises(ValueError) as info:
+        _with(models, _ensemble("avg", "average", "cls-0", "cls-1"))
+    message = str(info.value)
+    assert "pipelines.0.merge: 'average' adds the probabilities class by class" in message
+    assert "'cls-1' has ['negative', 'positive', 'neutral']" in message and "use merge 'vote'" in message
+    # Through a nested split too: every model the ensemble may reach counts.
+    models += [_classifier("cls-2", tmp_path / "cls-2", ["negative", "neutral", "positive"])]
+    with pytest.raises(ValueError) as info:
+        _with(models, _split("either", "cls-1", "cls-2"), _ensemble("avg", "average", "cls-0", "either"))
+    assert "pipelines.1.merge: 'average'" in str(info.value)
+    # A folder that is not here (a packaged model name, another machine's path): checked on its answers instead.
+    gone = {**models[1], "source": str(tmp_path / "elsewhere")}
+    assert _with([models[0], gone], _ensemble("avg", "average", "cls-0", "cls-1")).pipelines
+
+
+def test_merges_that_do_not_fit_the_task_are_refused(tmp_path: Path) -> None:
+    models = _classifiers(tmp_path, ["a", "b"], ["a", "b"])
+    with pytest.raises(ValueError) as info:
+        _with(models, _ensemble("e", "concatenate", "cls-0", "cls-1"))
+    assert "pipelines.0.merge: 'concatenate' does not merge task 'classify'; use 'vote' or 'average'" in str(info.value)
+    message = _refused(_ensemble("e", "vote", "emb-a", "emb-b"))
+    assert "pipelines.0.merge: 'vote' does not merge task 'embed'; use 'concatenate' or 'average'" in message
+    with pytest.raises(ValueError) as info:
+        _with(
+            models,
+            {
+                "id": "gate",
+                "kind": "switch",
+                "classifier": "chat-a",
+                "rules": [{"label": "a", "model": "chat-b"}],
+                "default": "chat-a",
+            },
+        )
+    assert "pipelines.0.classifier: 'chat-a' serves task 'generate'" in str(info.value)
