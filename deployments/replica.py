@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 from deployments import autoscaling, cpus, engines, metrics
@@ -30,12 +32,15 @@ from deployments.engines.protocol import (
     ToolCallDelta,
     merge_tool_calls,
 )
-from deployments.errors import InvalidRequestError
+from deployments.errors import EngineDeadError, InvalidRequestError
 from deployments.plan import ModelPlan
 
 __all__ = ["ModelReplica"]
 
 logger = logging.getLogger(__name__)
+
+# How long a wedged replica's engine may take to shut down before the replica's actor is ended anyway.
+_WEDGED_SHUTDOWN_S = 10.0
 
 
 class ModelReplica:
@@ -48,6 +53,8 @@ class ModelReplica:
     async def __init__(self, plan: ModelPlan, *, engine_cls: type[Engine] | None = None) -> None:
         spec = self.spec = plan.spec
         self.replica_id = _serve_replica_id()
+        self.progress = Progress()
+        self._ending: asyncio.Task[None] | None = None
         cls = engine_cls or engines.resolve(spec.engine, spec.task)
         self.engine = cls(spec, plan.engine)
         started = time.monotonic()
@@ -81,12 +88,16 @@ class ModelReplica:
         track = self.metrics.start()
         last: GenerateChunk | None = None
         try:
-            async for chunk in self.engine.generate(request):
-                if track.times is None:
-                    # The first chunk, not the last: the API layer sends the response headers before the rest.
-                    chunk = chunk.model_copy(update={"replica": self.replica_id, "times": self._first_output(track)})
-                last = chunk
-                yield chunk
+            with self.progress.request():
+                async for chunk in self.engine.generate(request):
+                    self.progress.made()
+                    if track.times is None:
+                        # The first chunk, not the last: the API layer sends the response headers before the rest.
+                        chunk = chunk.model_copy(
+                            update={"replica": self.replica_id, "times": self._first_output(track)}
+                        )
+                    last = chunk
+                    yield chunk
         finally:
             track.finish(*_tokens(last))
 
@@ -98,13 +109,15 @@ class ModelReplica:
         last: GenerateChunk | None = None
         track = self.metrics.start()
         try:
-            async for chunk in self.engine.generate(request):
-                if track.times is None:
-                    self._first_output(track)
-                parts.append(chunk.text)
-                logprobs.extend(chunk.logprobs or ())
-                calls.extend(chunk.tool_calls or ())
-                last = chunk
+            with self.progress.request():
+                async for chunk in self.engine.generate(request):
+                    self.progress.made()
+                    if track.times is None:
+                        self._first_output(track)
+                    parts.append(chunk.text)
+                    logprobs.extend(chunk.logprobs or ())
+                    calls.extend(chunk.tool_calls or ())
+                    last = chunk
         finally:
             track.finish(*_tokens(last))
         if last is None:  # an engine always yields a final chunk; guard the contract anyway
@@ -157,7 +170,9 @@ class ModelReplica:
         track = self.metrics.start()
         tokens = 0
         try:
-            result = await self._embed(request)
+            with self.progress.request():
+                result = await self._embed(request)
+                self.progress.made()
             tokens = result.prompt_tokens
             return result.model_copy(update={"replica": self.replica_id, "times": track.first_output()})
         finally:
@@ -184,7 +199,9 @@ class ModelReplica:
         track = self.metrics.start()
         tokens = 0
         try:
-            result = await self._scoring().classify(request)
+            with self.progress.request():
+                result = await self._scoring().classify(request)
+                self.progress.made()
             tokens = result.prompt_tokens
             return result.model_copy(update={"replica": self.replica_id, "times": track.first_output()})
         finally:
@@ -199,7 +216,9 @@ class ModelReplica:
         track = self.metrics.start()
         tokens = 0
         try:
-            result = await self._scoring().score(request)
+            with self.progress.request():
+                result = await self._scoring().score(request)
+                self.progress.made()
             tokens = result.prompt_tokens
             return result.model_copy(update={"replica": self.replica_id, "times": track.first_output()})
         finally:
@@ -235,13 +254,71 @@ class ModelReplica:
         }
 
     async def check_health(self) -> None:
-        """Serve's periodic health check; an EngineDeadError makes Serve replace the replica."""
+        """Serve's periodic health check (every `health.period_s`); an EngineDeadError makes Serve replace the
+        replica: the engine's own check failed, or the engine is wedged (it holds requests and gave no output for
+        `health.stall_timeout_s`)."""
+        stalled_s = self.progress.stalled_s()
+        if stalled_s > self.spec.health.stall_timeout_s:
+            message = (
+                f"model '{self.spec.id}': the engine holds {self.progress.in_flight} requests and gave no output for "
+                f"{stalled_s:.0f} s (health.stall_timeout_s: {self.spec.health.stall_timeout_s:g}): it is wedged"
+            )
+            logger.error("%s; ending replica %s so that Serve replaces it", message, self.replica_id)
+            if self._ending is None:
+                self._ending = asyncio.get_running_loop().create_task(self._end())
+            raise EngineDeadError(message)
         await self.engine.check_health()
+
+    async def _end(self) -> None:
+        """End this replica's actor now (a wedged engine). Draining would only hold its requests, which will never
+        be answered, until the drain timeout: ended, they fail with the replica's death, and the router sends them
+        again to another replica or the one Serve starts in its place."""
+        import ray
+
+        try:
+            await asyncio.wait_for(self.engine.shutdown(), _WEDGED_SHUTDOWN_S)
+        except Exception:  # noqa: BLE001 - a wedged engine may not stop cleanly: the actor ends anyway
+            logger.exception("the wedged engine of model %s did not shut down cleanly", self.spec.id)
+        ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
 
     async def __del__(self) -> None:
         if hasattr(self, "metrics"):  # not when __init__ failed
             self.metrics.stopped()
         await self.engine.shutdown()
+
+
+class Progress:
+    """Requests in flight in a replica and when its engine last gave output (a chunk, a result or an error): an
+    engine that holds requests and gives nothing is wedged (`ModelReplica.check_health`)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.in_flight = 0
+        self._clock = clock
+        self._at = clock()
+
+    @contextlib.contextmanager
+    def request(self) -> Iterator[None]:
+        """One request in flight for the block; an error it raises is an answer too (not a cancellation)."""
+        if self.in_flight == 0:
+            self._at = self._clock()  # idle until now: the wait starts with this request
+        self.in_flight += 1
+        try:
+            yield
+        except (asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception:
+            self.made()
+            raise
+        finally:
+            self.in_flight -= 1
+
+    def made(self) -> None:
+        """The engine gave output."""
+        self._at = self._clock()
+
+    def stalled_s(self) -> float:
+        """Seconds since the engine last gave output while it held requests (0 when it holds none)."""
+        return self._clock() - self._at if self.in_flight else 0.0
 
 
 def _tokens(last: GenerateChunk | None) -> tuple[int, int]:

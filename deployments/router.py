@@ -11,11 +11,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, Literal, Protocol, TypeVar
 
 from ray import serve
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from deployments import autoscaling, timing
+from deployments import autoscaling, metrics, timing
 from deployments.config import ServingConfig
 from deployments.engines.protocol import (
     ClassifyRequest,
@@ -39,7 +39,7 @@ from deployments.errors import (
     RequestTimeoutError,
     ServingError,
 )
-from models.spec import ModelSpec
+from models.spec import ModelSpec, served_names
 
 __all__ = ["Router"]
 
@@ -54,6 +54,14 @@ class _Cancellable(Protocol):
 
 R = TypeVar("R", bound=_Cancellable)  # a DeploymentResponse, or its generator form
 _READY_TIMEOUT_S = 10.0
+# Readiness reads Serve's controller (cached): at most this long, then the last answer stands.
+_CONTROLLER_TIMEOUT_S = 5.0
+# Readiness probe of a model the controller says nothing about: it waits in the replica's queue, so a model that
+# answered before and is busy now counts as ready when it times out.
+_PROBE_TIMEOUT_S = 2.0
+# Pause before sending a request again after its replica was lost, times the attempt: Serve's handle learns of the
+# death from the failure itself and routes the retry elsewhere (or holds it until the restarted replica runs).
+_RETRY_BACKOFF_S = 0.2
 # How often a request held for a model at zero replicas looks whether a replica runs yet.
 _COLD_POLL_S = 0.5
 # Retry-After of a cold-start 503 before this router has seen the model start once (then: its last start time).
@@ -67,11 +75,31 @@ _TASK_NAMES = {
 Task = Literal["generate", "embed", "classify", "score"]
 
 
+class _ReplicaLostError(EngineDeadError):
+    """Raised (inside the router) when the replica or the engine holding a request was lost before the request
+    returned: an idempotent request can be sent again. `reason` labels the retry metric."""
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None, reason: str = "") -> None:
+        super().__init__(message, param=param, code=code)
+        self.reason = reason or "replica_died"
+
+
+def _lost(cause: BaseException) -> _ReplicaLostError:
+    if isinstance(cause, ActorUnavailableError):
+        return _ReplicaLostError(
+            "The replica serving this model is unreachable; retry shortly", reason="replica_unavailable"
+        )
+    return _ReplicaLostError("The replica serving this model died; retry shortly", reason="replica_died")
+
+
 class Router:
     """Routes requests by model id to that model's Serve deployment."""
 
     def __init__(self, config: ServingConfig, handles: Mapping[str, DeploymentHandle]) -> None:
-        self._specs = {spec.id: spec for spec in config.models}
+        # Keyed by `id@version` (the bare id of an unversioned model); `_names` adds the bare id of each default
+        # version. Public methods take any served name and resolve it once, in spec_for/spec.
+        self._specs = {spec.versioned_id: spec for spec in config.models}
+        self._names = served_names(config.models)
         missing = set(self._specs) - set(handles)
         if missing:
             raise ValueError(f"no deployment handle for models {sorted(missing)}")
@@ -79,6 +107,8 @@ class Router:
         self._unary = {mid: handles[mid].options(stream=False) for mid in self._specs}
         self._streaming = {mid: handles[mid].options(stream=True) for mid in self._specs}
         self._timeout_s = config.router.request_timeout_s
+        self._max_retries = config.router.max_retries
+        self._last_ready: dict[str, bool] = {}
         self._described: dict[str, dict[str, Any]] = {}
         # Scale to zero: replica counts from Serve's controller, requests held per model while it starts, how long
         # its last start took, and the models that have answered a readiness call (deployments.autoscaling).
@@ -99,10 +129,10 @@ class Router:
             ModelNotFoundError: no model has this id.
             InvalidRequestError: the model serves another task.
         """
-        spec = self._specs.get(model_id)
+        spec = self._names.get(model_id)
         if spec is None:
-            raise ModelNotFoundError(f"The model '{model_id}' does not exist. Served models: {', '.join(self._specs)}")
-        timing.label_model(model_id)
+            raise ModelNotFoundError(f"The model '{model_id}' does not exist. Served models: {', '.join(self._names)}")
+        timing.label_model(spec.versioned_id)
         if spec.task != task:
             raise InvalidRequestError(
                 f"The model '{model_id}' serves {_TASK_NAMES[spec.task]}, not {_TASK_NAMES[task]}", param="model"
@@ -115,10 +145,9 @@ class Router:
         Raises:
             ServingError: any failure, already mapped (see deployments.errors).
         """
-        self.spec_for(model_id, "generate")
+        model_id = self.spec_for(model_id, "generate").versioned_id
         watch = timing.dispatch(model_id)
-        response = await self._send(model_id, lambda: self._unary[model_id].complete.remote(request))
-        result = await self._call(response)
+        result: GenerateChunk = await self._unary_call(model_id, "complete", request, request.request_id)
         watch.result(result)
         return result
 
@@ -128,10 +157,9 @@ class Router:
         Raises:
             ServingError: any failure, already mapped.
         """
-        self.spec_for(model_id, "embed")
+        model_id = self.spec_for(model_id, "embed").versioned_id
         watch = timing.dispatch(model_id)
-        response = await self._send(model_id, lambda: self._unary[model_id].embed.remote(request))
-        result = await self._call(response)
+        result: EmbedResult = await self._unary_call(model_id, "embed", request, request.request_id)
         watch.result(result)
         return result
 
@@ -141,9 +169,9 @@ class Router:
         Raises:
             ServingError: any failure, already mapped.
         """
-        self.spec_for(model_id, "classify")
+        model_id = self.spec_for(model_id, "classify").versioned_id
         watch = timing.dispatch(model_id)
-        result = await self._call(await self._send(model_id, lambda: self._unary[model_id].classify.remote(request)))
+        result = await self._unary_call(model_id, "classify", request, request.request_id)
         watch.result(result)
         return result
 
@@ -153,38 +181,49 @@ class Router:
         Raises:
             ServingError: any failure, already mapped.
         """
-        self.spec_for(model_id, "score")
+        model_id = self.spec_for(model_id, "score").versioned_id
         watch = timing.dispatch(model_id)
-        result = await self._call(await self._send(model_id, lambda: self._unary[model_id].score.remote(request)))
+        result = await self._unary_call(model_id, "score", request, request.request_id)
         watch.result(result)
         return result
 
     async def stream(self, model_id: str, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
-        """Stream output chunks as the replica produces them.
+        """Stream output chunks as the replica produces them. A stream whose replica is lost before its first chunk
+        is sent again (see `max_retries`); after its first chunk, the loss ends it with the error.
 
         Raises:
             ServingError: any failure, already mapped; raised from the iteration.
         """
-        self.spec_for(model_id, "generate")
+        model_id = self.spec_for(model_id, "generate").versioned_id
         watch = timing.dispatch(model_id)
-        response = await self._send(model_id, lambda: self._streaming[model_id].generate.remote(request))
         deadline = time.monotonic() + self._timeout_s
-        try:
-            while True:
-                try:
-                    chunk = await self._call(anext(response), deadline - time.monotonic())
-                except StopAsyncIteration:
-                    return
-                watch.chunk(chunk)
-                yield chunk
-        except ServingError:
-            watch.failed()
-            raise
-        finally:
-            # Serve's cancel() re-raises the failure of a request that never reached a replica (a full queue's
-            # BackPressureError, already mapped above): it would replace the 429 with Serve's plain-text 503.
-            with contextlib.suppress(serve.exceptions.RayServeException):
-                response.cancel()
+        attempt = 0
+        while True:
+            response = await self._send(model_id, lambda: self._streaming[model_id].generate.remote(request))
+            started = False
+            try:
+                while True:
+                    try:
+                        chunk = await self._call(anext(response), deadline - time.monotonic())
+                    except StopAsyncIteration:
+                        return
+                    except _ReplicaLostError as exc:
+                        if started:
+                            raise
+                        attempt += 1
+                        await self._before_retry(model_id, "stream", request.request_id, exc, attempt, deadline)
+                        break
+                    started = True
+                    watch.chunk(chunk)
+                    yield chunk
+            except ServingError:
+                watch.failed()
+                raise
+            finally:
+                # Serve's cancel() re-raises the failure of a request that never reached a replica (a full queue's
+                # BackPressureError, already mapped above): it would replace the 429 with Serve's plain-text 503.
+                with contextlib.suppress(serve.exceptions.RayServeException):
+                    response.cancel()
 
     def spec(self, model_id: str) -> ModelSpec:
         """The spec of `model_id`, whatever its task.
@@ -192,9 +231,9 @@ class Router:
         Raises:
             ModelNotFoundError: no model has this id.
         """
-        spec = self._specs.get(model_id)
+        spec = self._names.get(model_id)
         if spec is None:
-            raise ModelNotFoundError(f"The model '{model_id}' does not exist. Served models: {', '.join(self._specs)}")
+            raise ModelNotFoundError(f"The model '{model_id}' does not exist. Served models: {', '.join(self._names)}")
         return spec
 
     async def tokenize(self, model_id: str, request: TokenizeRequest) -> TokenizeResult:
@@ -203,8 +242,9 @@ class Router:
         Raises:
             ServingError: any failure, already mapped.
         """
-        self.spec(model_id)
-        return await self._call(await self._send(model_id, lambda: self._unary[model_id].tokenize.remote(request)))
+        model_id = self.spec(model_id).versioned_id
+        result: TokenizeResult = await self._unary_call(model_id, "tokenize", request, request.request_id)
+        return result
 
     async def detokenize(self, model_id: str, tokens: tuple[int, ...]) -> str:
         """The text of token ids on the model's tokenizer.
@@ -212,8 +252,9 @@ class Router:
         Raises:
             ServingError: any failure, already mapped.
         """
-        self.spec(model_id)
-        return await self._call(await self._send(model_id, lambda: self._unary[model_id].detokenize.remote(tokens)))
+        model_id = self.spec(model_id).versioned_id
+        text: str = await self._unary_call(model_id, "detokenize", tokens, None)
+        return text
 
     async def describe(self, model_id: str) -> dict[str, Any]:
         """What a replica of the model reports about the loaded model (`max_model_len`), cached once known;
@@ -244,24 +285,88 @@ class Router:
         return "cold" if self._specs[model_id].scaling.min_replicas == 0 else "starting"
 
     async def readiness(self) -> dict[str, bool]:
-        """Per model: whether a replica answers a real request now, or the model is cold: scaled to zero, or
-        starting again after it once answered (asking a cold model would start a replica)."""
+        """Per model: whether a replica answers real requests now, or the model is cold: scaled to zero, or
+        starting again after it once answered (asking a cold model would start a replica).
+
+        Read from Serve's controller (cached briefly), never from a call queued behind requests: Serve marks a
+        replica RUNNING only once its warm-up answered a real request, and a busy replica is still ready. Only where
+        the controller does not say, a replica is asked, briefly; a model that answered before and does not answer
+        in time is busy, not unready. Answers within about `_CONTROLLER_TIMEOUT_S + _PROBE_TIMEOUT_S` under any load.
+        """
 
         async def one(model_id: str) -> bool:
-            if self._specs[model_id].scaling.min_replicas == 0:
-                replicas = await self.replicas(model_id)
-                if replicas is not None and replicas.running == 0 and (replicas.at_zero or model_id in self._answered):
-                    return True
             try:
-                ready = bool(await asyncio.wait_for(self._unary[model_id].ready.remote(), _READY_TIMEOUT_S))
-            except Exception:  # noqa: BLE001 - readiness reports, it never raises
-                return False
-            if ready:
+                replicas = await asyncio.wait_for(self.replicas(model_id), _CONTROLLER_TIMEOUT_S)
+            except TimeoutError:  # the controller is slow to answer: what it said last still stands
+                return self._last_ready.get(model_id, False)
+            if replicas is None:
+                ready = await self._probe(model_id)
+            elif replicas.running > 0:
+                ready = True
+            else:
+                scales_to_zero = self._specs[model_id].scaling.min_replicas == 0
+                ready = scales_to_zero and (replicas.at_zero or model_id in self._answered)
+            if ready and (replicas is None or replicas.running > 0):
                 self._answered.add(model_id)
+            self._last_ready[model_id] = ready
             return ready
 
         results = await asyncio.gather(*(one(mid) for mid in self._specs))
         return dict(zip(self._specs, results, strict=True))
+
+    async def _probe(self, model_id: str) -> bool:
+        """Ask a replica of the model whether it is ready, for at most `_PROBE_TIMEOUT_S`: no answer in time means
+        busy (ready) for a model that answered before, else not ready."""
+        try:
+            return bool(await asyncio.wait_for(self._unary[model_id].ready.remote(), _PROBE_TIMEOUT_S))
+        except TimeoutError:
+            return model_id in self._answered
+        except Exception:  # noqa: BLE001 - readiness reports, it never raises
+            return False
+
+    async def _unary_call(self, model_id: str, method: str, payload: Any, request_id: str | None) -> Any:
+        """Call a non-streaming (idempotent) replica method; if the replica holding the call is lost before it
+        returns, send it again (the same payload, so the same request id), at most `max_retries` times, all within
+        `request_timeout_s`.
+
+        Raises:
+            ServingError: any failure, already mapped; `EngineDeadError` (503) once the retries are spent.
+        """
+        deadline = time.monotonic() + self._timeout_s
+        attempt = 0
+        while True:
+            response = await self._send(model_id, lambda: getattr(self._unary[model_id], method).remote(payload))
+            try:
+                return await self._call(response, deadline - time.monotonic())
+            except _ReplicaLostError as exc:
+                attempt += 1
+                await self._before_retry(model_id, method, request_id, exc, attempt, deadline)
+
+    async def _before_retry(
+        self, model_id: str, what: str, request_id: str | None, exc: _ReplicaLostError, attempt: int, deadline: float
+    ) -> None:
+        """Count and log retry number `attempt` of a request whose replica was lost, and pause briefly.
+
+        Raises:
+            _ReplicaLostError: `exc` itself, once `max_retries` are spent or the request's time is up.
+        """
+        left = deadline - time.monotonic()
+        if not _may_retry(attempt, self._max_retries, left):
+            if attempt > 1:
+                exc.message = f"{exc.message} (sent {attempt} times, each replica was lost)"
+                exc.args = (exc.message,)
+            raise exc
+        metrics.count_retry(model_id, exc.reason)
+        logger.warning(
+            "retrying %s request %s of model %s (%d of at most %d): %s",
+            what,
+            request_id or "-",
+            model_id,
+            attempt,
+            self._max_retries,
+            exc.reason,
+        )
+        await asyncio.sleep(min(_RETRY_BACKOFF_S * attempt, left))
 
     async def _send(self, model_id: str, send: Callable[[], R]) -> R:
         """Send a request to the model's handle; for a model at zero replicas, hold it until a replica runs.
@@ -314,14 +419,33 @@ class Router:
             raise RequestTimeoutError(
                 f"The request took longer than the router's limit of {self._timeout_s:g} s and was cancelled"
             ) from None
-        except RayTaskError as exc:
-            cause = exc.cause
-            if isinstance(cause, ServingError):
-                raise cause from None
-            raise EngineError(f"replica failed: {type(cause).__name__}") from exc
-        except BackPressureError:
-            raise OverloadedError("The model's queue is full; retry later") from None
-        except RayActorError:
-            raise EngineDeadError("The replica serving this model died; retry shortly") from None
-        except serve.exceptions.RayServeException as exc:
-            raise EngineError(f"serve error: {type(exc).__name__}") from exc
+        except (RayTaskError, RayActorError, serve.exceptions.RayServeException) as exc:
+            mapped = _mapped(exc)
+            # An unexpected failure keeps Ray's error as its cause, for the logs.
+            raise mapped from (exc if type(mapped) is EngineError else None)
+
+
+def _mapped(exc: RayTaskError | RayActorError | serve.exceptions.RayServeException) -> ServingError:
+    """The ServingError of a failed replica call. A `_ReplicaLostError` (retriable) when the replica or its engine
+    was lost while it held the call: Serve itself re-routes only a request whose replica was gone before it took it.
+    """
+    if isinstance(exc, RayTaskError):
+        cause = exc.cause
+        if isinstance(cause, EngineDeadError):  # the replica's engine stopped (died, or is shutting down)
+            return _ReplicaLostError(cause.message, param=cause.param, code=cause.code, reason="engine_dead")
+        if isinstance(cause, ServingError):
+            return cause
+        if isinstance(cause, RayActorError):
+            return _lost(cause)
+        return EngineError(f"replica failed: {type(cause).__name__}")
+    if isinstance(exc, BackPressureError):
+        return OverloadedError("The model's queue is full; retry later")
+    if isinstance(exc, RayActorError):
+        return _lost(exc)
+    return EngineError(f"serve error: {type(exc).__name__}")
+
+
+def _may_retry(attempt: int, max_retries: int, left_s: float) -> bool:
+    """Whether retry number `attempt` (from 1) of a request whose replica was lost goes out, with `left_s` seconds
+    left of its time."""
+    return attempt <= max_retries and left_s > 0

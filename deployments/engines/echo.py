@@ -26,7 +26,7 @@ from models.spec import ModelSpec
 __all__ = ["EchoEngine"]
 
 _DEFAULT_CONTEXT = 4096
-_ALLOWED_KWARGS = {"dimensions", "token_delay_s", "fail_marker"}
+_ALLOWED_KWARGS = {"dimensions", "token_delay_s", "fail_marker", "wedge_after"}
 
 
 class EchoEngine(Engine, EmbeddingEngine):
@@ -36,7 +36,9 @@ class EchoEngine(Engine, EmbeddingEngine):
     max_tokens >= 3 it yields all three words and "stop". Embeddings are unit vectors derived from a
     hash of the text (`dimensions`, default 16). `token_delay_s` slows streaming for tests;
     `fail_marker` makes a request whose input contains it fail after its first token, like an engine
-    crashing mid-request (for fault tests).
+    crashing mid-request (for fault tests). `wedge_after: N` (a test hook) wedges the engine after N requests
+    (generate or embed calls, the replica's warm-up included): every later request is accepted and never
+    answered, while the engine's own health check still passes, like an engine whose scheduler hangs.
     """
 
     def __init__(self, spec: ModelSpec, plan: EnginePlan | None = None) -> None:
@@ -45,6 +47,8 @@ class EchoEngine(Engine, EmbeddingEngine):
         self._dimensions = 16
         self._token_delay_s = 0.0
         self._fail_marker: str | None = None
+        self._wedge_after: int | None = None
+        self._requests = 0
 
     async def start(self) -> None:
         unknown = set(self.spec.engine_kwargs) - _ALLOWED_KWARGS
@@ -55,10 +59,21 @@ class EchoEngine(Engine, EmbeddingEngine):
         self._dimensions = int(self.spec.engine_kwargs.get("dimensions", 16))
         self._token_delay_s = float(self.spec.engine_kwargs.get("token_delay_s", 0.0))
         self._fail_marker = self.spec.engine_kwargs.get("fail_marker")
+        wedge = self.spec.engine_kwargs.get("wedge_after")
+        if wedge is not None and (not isinstance(wedge, int) or isinstance(wedge, bool) or wedge < 1):
+            raise EngineStartError(f"echo engine: wedge_after must be an integer >= 1, got {wedge!r}")
+        self._wedge_after = wedge
+
+    async def _maybe_wedge(self) -> None:
+        """Past `wedge_after` requests: wait forever (cancellable), as a wedged engine does."""
+        self._requests += 1
+        if self._wedge_after is not None and self._requests > self._wedge_after:
+            await asyncio.Event().wait()
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         if self.spec.task != "generate":
             raise InvalidRequestError(f"model '{self.spec.id}' serves embeddings, not text generation", param="model")
+        await self._maybe_wedge()
         if request.tool_choice != "none":
             raise InvalidRequestError(
                 f"tool_choice '{request.tool_choice}' is not supported by the echo engine: set it to 'none'",
@@ -111,6 +126,7 @@ class EchoEngine(Engine, EmbeddingEngine):
     async def embed(self, request: EmbedRequest) -> EmbedResult:
         if self.spec.task != "embed":
             raise InvalidRequestError(f"model '{self.spec.id}' generates text, not embeddings", param="model")
+        await self._maybe_wedge()
         vectors = []
         tokens = 0
         for i, text in enumerate(request.inputs):
