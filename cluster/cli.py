@@ -16,6 +16,7 @@ from pathlib import Path
 from cluster import deploy as deploying
 from cluster import local
 from deployments.config import ConfigError, ServingConfig, load_config
+from models.spec import ModelSpec, served_names
 
 __all__ = ["main"]
 
@@ -192,6 +193,80 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_specs(args: argparse.Namespace) -> list[ModelSpec]:
+    """The specs of `models add`: a YAML mapping (one spec) or list, from FILE or --spec."""
+    import yaml
+    from pydantic import ValidationError
+
+    from deployments.config import format_validation_error
+
+    source = args.file or "--spec"
+    try:
+        text = Path(args.file).read_text() if args.file else args.spec
+        raw = yaml.safe_load(text)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {source}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source} is not valid YAML: {exc}") from None
+    items = raw if isinstance(raw, list) else [raw]
+    if not items or not all(isinstance(item, dict) for item in items):
+        raise ConfigError(
+            f"{source} must hold a model spec (a mapping with `id`, `task`, `engine`...) or a list of them"
+        )
+    try:
+        return [ModelSpec.model_validate(item) for item in items]
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source=source)) from None
+
+
+def _cmd_models_change(args: argparse.Namespace) -> int:
+    from cluster import model_changes
+
+    state = local.read_state()
+    if state is None:
+        _say("no local cluster is running: start one with `modelfleet up` and deploy a config first")
+        return 1
+    config = model_changes.running_config(args.app)
+    if args.models_command == "add":
+        changed = model_changes.add_models(config, _model_specs(args))
+    elif args.models_command == "remove":
+        changed = model_changes.remove_model(config, args.name)
+    else:
+        changed = model_changes.set_default(config, args.name)
+    prepare_models(changed)
+    _say(f"redeploying app '{changed.name}' (replicas of unchanged models keep running) ...")
+    base = deploying.deploy(changed, state, timeout_s=args.timeout, on_progress=_say)
+    _say(f"ready: {base}/v1  (models: {', '.join(served_names(changed.models))})")
+    return 0
+
+
+def _models_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "models",
+        help="without a subcommand: list the packaged models a config can name as `source`; add, remove or "
+        "set-default: change the models of the running app and redeploy it",
+    )
+    p.set_defaults(func=_cmd_models)
+    change = p.add_subparsers(dest="models_command")
+
+    def common(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--app", help="the app to change (default: the only app deployed from this machine)")
+        q.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for readiness")
+        q.set_defaults(func=_cmd_models_change)
+
+    q = change.add_parser("add", help="serve more models (or a new version of a model): FILE or --spec")
+    what = q.add_mutually_exclusive_group(required=True)
+    what.add_argument("file", nargs="?", help="YAML file of a model spec (as under `models:`), or a list of them")
+    what.add_argument("--spec", help="the model spec as inline YAML, e.g. '{id: m, task: generate, engine: echo}'")
+    common(q)
+    q = change.add_parser("remove", help="stop serving ID (every version) or ID@VERSION")
+    q.add_argument("name", metavar="ID[@VERSION]")
+    common(q)
+    q = change.add_parser("set-default", help="make ID@VERSION the version that requests for the bare ID reach")
+    q.add_argument("name", metavar="ID@VERSION")
+    common(q)
+
+
 def _cmd_prepare(args: argparse.Namespace) -> int:
     prepare_models(_config(args.config))
     return 0
@@ -286,6 +361,33 @@ def _dashboards_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     p.set_defaults(func=_cmd_dashboards_push)
 
 
+def _cmd_keys_create(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from deployments.auth import generate_key, key_entry_yaml
+
+    key = generate_key()
+    try:
+        entry = key_entry_yaml(args.name, key)
+    except ValidationError as exc:
+        print(f"error: {exc.errors()[0]['msg'].removeprefix('Value error, ')}", file=sys.stderr)
+        return 2
+    _say(f"API key '{args.name}' (shown only this once; the config keeps its SHA-256, not the key):\n\n  {key}\n")
+    _say("Add this entry under `router.keys` (optionally with `models`, `rpm`, `tpm`, `tokens_per_day`):\n")
+    _say(entry)
+    return 0
+
+
+def _keys_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from deployments.auth import ApiKeyConfig
+
+    p = sub.add_parser("keys", help="API keys for router.keys")
+    keys = p.add_subparsers(dest="keys_command", required=True)
+    p = keys.add_parser("create", help="print a new random API key once, and its router.keys entry (by SHA-256)")
+    p.add_argument("name", help=ApiKeyConfig.model_fields["name"].description)
+    p.set_defaults(func=_cmd_keys_create)
+
+
 def _cmd_schema(args: argparse.Namespace) -> int:
     _say(json.dumps(ServingConfig.model_json_schema(), indent=2))
     return 0
@@ -337,8 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="apps, deployments, replicas and health")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_status)
-    p = sub.add_parser("models", help="list the packaged models a config can name as `source`")
-    p.set_defaults(func=_cmd_models)
+    _models_parser(sub)
     p = sub.add_parser("prepare", help="convert/build the packaged models a config uses, once")
     with_config(p)
     p.set_defaults(func=_cmd_prepare)
@@ -384,6 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     # `batch` keeps its own parser too (cluster.jobs.cli).
     sub.add_parser("batch", help="batch inference over an OpenAI batch file as a Ray job (see `modelfleet batch -h`)")
     _dashboards_parser(sub)
+    _keys_parser(sub)
     # `bench`: its flags are generated from its options model (cluster.bench.options); `main` hands everything
     # after the word to cluster.bench, which parses them with the same generated parser.
     from cluster.bench.options import add_arguments as add_bench_arguments

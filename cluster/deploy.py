@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -18,12 +19,20 @@ import httpx
 
 from cluster.auth_token import use_token
 from cluster.local import ClusterError, ClusterState
+from cluster.model_changes import record_config
 from cluster.placement import unschedulable_reason
-from deployments.config import ServingConfig
+from deployments.config import ServingConfig, TLSConfig
 from deployments.plan import DeploymentPlan, PlanError, compile_plan
 from models.settings import get_settings
 
-__all__ = ["DeploymentRow", "connect", "deploy", "status", "stop_serving", "wait_ready"]
+__all__ = [
+    "DeploymentRow",
+    "connect",
+    "deploy",
+    "status",
+    "stop_serving",
+    "wait_ready",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -152,17 +161,26 @@ def deploy(
     """
     from ray import serve
 
+    if not config.router.keys and not config.router.api_keys:
+        on_progress(
+            "warning: no API keys are configured (router.keys): the API is open to anyone who can reach "
+            f"{config.router.host}:{config.router.port}; `modelfleet keys create NAME` makes one"
+        )
     check_local_engines(config)
     plan = plan_for(config, state.engine_cpus)
     connect(state)
     host, port = config.router.host, config.router.port
-    if not _serve_running() and not _port_free(host, port):
+    http_options = _http_options(config)
+    if _serve_running():
+        _check_tls_unchanged(config.router.tls)
+    elif not _port_free(host, port):
         raise ClusterError(f"{host}:{port} is already in use: stop what listens there or set router.port")
-    serve.start(http_options={"host": host, "port": port})
+    serve.start(http_options=http_options)
     from deployments.app import build_app_from_plan
 
     application = build_app_from_plan(plan)
     _record(plan)  # before it runs, so `modelfleet status` can explain an app that stays pending
+    record_config(config)
     deadline = time.monotonic() + timeout_s
     last_line = ""
     stuck_since: float | None = None
@@ -201,10 +219,60 @@ def deploy(
         runner.join(timeout=1.0)
     if outcome and outcome[0] is not None:
         raise ClusterError(f"deploying '{config.name}' failed: {outcome[0]}") from outcome[0]
-    base = f"http://{host}:{port}{config.route_prefix.rstrip('/')}"
+    base = f"{'https' if config.router.tls else 'http'}://{host}:{port}{config.route_prefix.rstrip('/')}"
     on_progress("deployments running; checking that every model answers ...")
-    wait_ready(base, timeout_s=max(deadline - time.monotonic(), 30.0))
+    tls = config.router.tls
+    wait_ready(base, timeout_s=max(deadline - time.monotonic(), 30.0), cafile=tls.certfile if tls else None)
     return base
+
+
+def _http_options(config: ServingConfig) -> dict[str, Any]:
+    """Serve's HTTP options of the config: where the proxy listens, and its certificate when `router.tls` is set.
+
+    Raises:
+        ClusterError: a TLS file is missing, or the key password's environment variable is not set.
+    """
+    options: dict[str, Any] = {"host": config.router.host, "port": config.router.port}
+    tls = config.router.tls
+    if tls is None:
+        return options
+    for name in ("certfile", "keyfile"):
+        path: Path = getattr(tls, name)
+        if not path.is_file():
+            raise ClusterError(f"router.tls.{name}: no such file {path}")
+    options |= {"ssl_certfile": str(tls.certfile), "ssl_keyfile": str(tls.keyfile)}
+    if tls.keyfile_password_env:
+        # A secret named by the config, read where it is used: it never enters a config file or a record.
+        password = os.environ.get(tls.keyfile_password_env)
+        if not password:
+            raise ClusterError(
+                f"router.tls.keyfile_password_env: the environment variable {tls.keyfile_password_env} is not set"
+            )
+        options["ssl_keyfile_password"] = password
+    return options
+
+
+def _check_tls_unchanged(tls: TLSConfig | None) -> None:
+    """Serve fixes its HTTP options when it starts: a config must ask for the TLS the running Serve has.
+
+    Raises:
+        ClusterError: the running Serve serves plain HTTP and the config asks for HTTPS, or the other way round,
+            or with another certificate.
+    """
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    if client is None:
+        return
+    running = client.http_config
+    wanted = (str(tls.certfile), str(tls.keyfile)) if tls else (None, None)
+    if (running.ssl_certfile, running.ssl_keyfile) != wanted:
+        now = f"HTTPS with {running.ssl_certfile}" if running.ssl_certfile else "plain HTTP"
+        asked = f"HTTPS with {tls.certfile}" if tls else "plain HTTP"
+        raise ClusterError(
+            f"Serve on this cluster serves {now}, and router.tls asks for {asked}: Serve's HTTP options are fixed "
+            "when it starts. Stop the cluster (`modelfleet down`) and deploy again, or change router.tls back"
+        )
 
 
 def _alive_nodes() -> list[dict[str, float]]:
@@ -262,15 +330,27 @@ def _progress_line(app_name: str) -> str:
     return f"{app.status.value}: " + ", ".join(parts)
 
 
-def wait_ready(base_url: str, *, timeout_s: float = 300.0) -> None:
+def wait_ready(base_url: str, *, timeout_s: float = 300.0, cafile: Path | None = None) -> None:
     """Poll GET /readyz until it answers 200.
+
+    Args:
+        base_url: the API's base URL (https for a TLS config).
+        timeout_s: how long to wait.
+        cafile: the server's own certificate (router.tls.certfile): an https server must present exactly it.
 
     Raises:
         ClusterError: it did not within `timeout_s`.
     """
     deadline = time.monotonic() + timeout_s
     last = "no answer"
-    with httpx.Client(timeout=15.0) as client:
+    verify: ssl.SSLContext | bool = True
+    if cafile is not None:
+        # Pinned to the certificate this process deployed (a leaf is accepted as its own anchor), so the name it
+        # was issued for need not be the loopback address polled here.
+        verify = ssl.create_default_context(cafile=str(cafile))
+        verify.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+        verify.check_hostname = False
+    with httpx.Client(timeout=15.0, verify=verify) as client:
         while time.monotonic() < deadline:
             try:
                 response = client.get(f"{base_url}/readyz")

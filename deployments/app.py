@@ -5,7 +5,7 @@ every Serve config)."""
 # validate the `args:` of a Serve config into a ServingConfig.
 
 from ray import serve
-from ray.serve import Application
+from ray.serve import Application, Deployment
 
 from deployments.api.ingress import OpenAIIngress, app
 from deployments.config import ServingConfig
@@ -32,10 +32,24 @@ def build_app(args: ServingConfig) -> Application:
 
 
 def build_app_from_plan(plan: DeploymentPlan) -> Application:
-    """Build the app of an already compiled plan (what `modelfleet deploy` does, with its node's CPU split)."""
+    """Build the app of an already compiled plan (what `modelfleet deploy` does, with its node's CPU split).
+
+    Each deployment carries the plan's code version for it. Without one, Serve gives every deployment of a
+    `serve.run` a new random version, and so restarts every replica on every redeploy; with it, a redeploy restarts
+    only the replicas of models whose plan changed, and rolls the router over (it is built from the whole config).
+    Serve 2.60 keeps `version` as an internal option only (`_internal=True`), which is what it uses itself.
+    """
     replicas = {
-        model.spec.id: serve.deployment(ModelReplica).options(**model.serve_options).bind(model)
+        model.spec.versioned_id: _versioned(
+            serve.deployment(ModelReplica).options(**model.serve_options), model.code_version
+        ).bind(model)
         for model in plan.models
     }
-    ingress = serve.deployment(serve.ingress(app)(OpenAIIngress)).options(**plan.router_options)
+    ingress = _versioned(
+        serve.deployment(serve.ingress(app)(OpenAIIngress)).options(**plan.router_options), plan.router_version
+    )
     return ingress.bind(plan.config, replicas, plan.models, plan.pipelines)
+
+
+def _versioned(deployment: Deployment, version: str) -> Deployment:
+    return deployment.options(version=version, _internal=True)

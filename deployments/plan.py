@@ -9,15 +9,17 @@ be recorded, shown and rendered elsewhere (manifests, batch jobs).
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any, Literal
 
 from pydantic import Field
 
 from deployments import autoscaling
-from deployments.config import ServingConfig
+from deployments.config import RouterConfig, ServingConfig
 from deployments.cpus import format_cpu_list, parse_cpu_list
 from deployments.pipelines.spec import PipelinePlan, plan_pipelines
-from models.spec import FrozenModel, ModelSpec
+from models.spec import FrozenModel, ModelSpec, served_names
 
 __all__ = [
     "RAY_ENV",
@@ -83,6 +85,19 @@ REQUEST_ROUTERS = {
 }
 
 
+# Draining: a replica Serve stops (scale-down, a removed or changed model, a rolling router update) first waits this
+# long, so that every router learns of the stop and sends new requests elsewhere (Serve then also turns away any
+# late one, and the handle re-routes it), then until its requests in flight are done: at most the drain timeout,
+# the router's own request timeout plus this margin, after which Serve kills it. So no request in flight is cut.
+DRAIN_WAIT_LOOP_S = 2.0
+_DRAIN_MARGIN_S = 5.0
+_DEFAULT_DRAIN_S = float(RouterConfig.model_fields["request_timeout_s"].default) + _DRAIN_MARGIN_S
+
+
+def _digest(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 class PlanError(ValueError):
     """Raised when a config cannot be turned into deployments (the message names the field and the fix)."""
 
@@ -121,8 +136,20 @@ class ModelPlan(FrozenModel):
 
     @property
     def deployment_name(self) -> str:
-        """The Serve deployment name (stable, derived from the model id)."""
+        """The Serve deployment name (stable, derived from the model id and version)."""
         return self.spec.deployment_name
+
+    @property
+    def code_version(self) -> str:
+        """Serve's code version of the model's deployment: a digest of what its replicas are built from (spec and
+        engine), without its replica counts and queue limits, which Serve changes on running replicas, and without
+        whether it is its id's default version, which only the router reads.
+
+        Serve restarts a deployment's replicas when its code version changes, and otherwise applies the options in
+        place, so a redeploy that leaves the model alone, or changes only its scaling, restarts none of its
+        replicas. (Serve's own resource options, actor and placement group, restart them by themselves.)
+        """
+        return _digest(self.model_dump(mode="json", exclude={"serve_options": True, "spec": {"scaling", "default"}}))
 
 
 class DeploymentPlan(FrozenModel):
@@ -140,8 +167,15 @@ class DeploymentPlan(FrozenModel):
     )
 
     def model(self, model_id: str) -> ModelPlan | None:
-        """The plan of the model with this id, or None."""
-        return next((m for m in self.models if m.spec.id == model_id), None)
+        """The plan a request naming `model_id` reaches (`id@version`, or a bare id: its default version), or None."""
+        spec = served_names(m.spec for m in self.models).get(model_id)
+        return next((m for m in self.models if m.spec is spec), None)
+
+    @property
+    def router_version(self) -> str:
+        """Serve's code version of the router deployment: a digest of the whole plan, which the router is built from
+        (the config and every model's plan). Any change rolls the router replicas over, draining each."""
+        return _digest(self.model_dump(mode="json"))
 
 
 def compile_plan(config: ServingConfig, *, engine_cpus: str | None = None) -> DeploymentPlan:
@@ -163,12 +197,18 @@ def compile_plan(config: ServingConfig, *, engine_cpus: str | None = None) -> De
     router = config.router
     return DeploymentPlan(
         config=config,
-        models=tuple(plan_model(spec, engine_cpus=engine_cpus) for spec in config.models),
+        models=tuple(
+            plan_model(spec, engine_cpus=engine_cpus, drain_s=router.request_timeout_s + _DRAIN_MARGIN_S)
+            for spec in config.models
+        ),
         router_options={
             "name": ROUTER_DEPLOYMENT,
             "num_replicas": router.num_replicas,
             "max_ongoing_requests": router.max_ongoing_requests,
             "ray_actor_options": {"num_cpus": router.num_cpus},
+            # A router replica rolled over by a redeploy finishes the requests it holds (see DRAIN_WAIT_LOOP_S).
+            "graceful_shutdown_wait_loop_s": DRAIN_WAIT_LOOP_S,
+            "graceful_shutdown_timeout_s": router.request_timeout_s + _DRAIN_MARGIN_S,
         },
         engine_cpus=engine_cpus,
         ray_env=dict(RAY_ENV),
@@ -176,8 +216,8 @@ def compile_plan(config: ServingConfig, *, engine_cpus: str | None = None) -> De
     )
 
 
-def plan_model(spec: ModelSpec, *, engine_cpus: str | None = None) -> ModelPlan:
-    """The plan of one model (see `compile_plan`).
+def plan_model(spec: ModelSpec, *, engine_cpus: str | None = None, drain_s: float = _DEFAULT_DRAIN_S) -> ModelPlan:
+    """The plan of one model (see `compile_plan`); `drain_s` bounds how long a stopped replica finishes its requests.
 
     Raises:
         PlanError: the model's engine settings contradict each other or the spec.
@@ -189,7 +229,7 @@ def plan_model(spec: ModelSpec, *, engine_cpus: str | None = None) -> ModelPlan:
         demand, strategy = tuple(bundles), spec.parallelism.placement_strategy
     return ModelPlan(
         spec=spec,
-        serve_options=_serve_options(spec, bundles),
+        serve_options=_serve_options(spec, bundles, drain_s),
         bundles=demand,
         strategy=strategy,
         engine=plan_engine(spec, engine_cpus=engine_cpus),
@@ -247,7 +287,7 @@ def _replica_demand(spec: ModelSpec) -> dict[str, float]:
     return demand
 
 
-def _serve_options(spec: ModelSpec, bundles: list[dict[str, float]] | None) -> dict[str, Any]:
+def _serve_options(spec: ModelSpec, bundles: list[dict[str, float]] | None, drain_s: float) -> dict[str, Any]:
     r = spec.resources
     actor: dict[str, Any] = {"num_cpus": r.num_cpus}
     if bundles is None:
@@ -265,9 +305,13 @@ def _serve_options(spec: ModelSpec, bundles: list[dict[str, float]] | None) -> d
         "max_ongoing_requests": scaling.max_ongoing_requests,
         # Past this many requests waiting at a router replica, more get a 429 instead of an unbounded wait.
         "max_queued_requests": scaling.max_queued_requests,
-        # Loading weights and a warm-up answer can take minutes on a busy CPU.
-        "health_check_timeout_s": 60,
-        "graceful_shutdown_timeout_s": 10,
+        # Serve calls the replica's check_health (engine alive, not wedged: `health.stall_timeout_s`) this often,
+        # and fails a check that does not answer in time; a failed check makes Serve replace the replica.
+        "health_check_period_s": spec.health.period_s,
+        "health_check_timeout_s": spec.health.timeout_s,
+        # A stopped replica finishes the requests it holds (see DRAIN_WAIT_LOOP_S).
+        "graceful_shutdown_wait_loop_s": DRAIN_WAIT_LOOP_S,
+        "graceful_shutdown_timeout_s": drain_s,
         # A replica whose engine cannot start (bad weights path, GPUs on a CPU build) fails the same way
         # every time: report it after 3 tries instead of Serve's default 20.
         "max_constructor_retry_count": 3,

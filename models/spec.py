@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -10,14 +11,20 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 __all__ = [
     "BatchingConfig",
     "FrozenModel",
+    "HealthConfig",
     "ModelSpec",
     "ParallelismConfig",
     "ResourcesConfig",
     "RoutingConfig",
     "ScalingConfig",
+    "check_versions",
+    "served_names",
 ]
 
 _MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# Separates a model id from its version in requests (`model@version`); ids cannot contain it.
+VERSION_SEPARATOR = "@"
 _PARSER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _HEADER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,63}$")
 
@@ -301,10 +308,41 @@ class RoutingConfig(FrozenModel):
         return value.lower()
 
 
+class HealthConfig(FrozenModel):
+    """How a replica is checked, and when it counts as wedged (Serve then replaces it)."""
+
+    period_s: float = Field(10.0, gt=0, description="Seconds between two health checks of a replica (Serve's).")
+    timeout_s: float = Field(
+        60.0, gt=0, description="A health check that does not answer within this many seconds fails (Serve's)."
+    )
+    stall_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="A replica holding requests whose engine gave no output at all (no token, no result) for this "
+        "many seconds is wedged: its next health check fails and it ends, the router sends its requests again, and "
+        "Serve starts a replica in its place. Keep it above the longest time one request may take to its first "
+        "output when nothing else runs.",
+    )
+
+
 class ModelSpec(FrozenModel):
     """One model the cluster serves: what it is, which engine runs it, and what it costs."""
 
     id: str = Field(description="The model name clients send in the `model` field, e.g. 'smollm2'.")
+    version: str | None = Field(
+        None,
+        description=(
+            "This spec's version of the model, e.g. '2' or '2025-06'. Several specs may share an `id` with different "
+            "versions, each its own deployment; a request names `id@version`, or the bare `id` for the default version."
+        ),
+    )
+    default: bool = Field(
+        False,
+        description=(
+            "Versioned models: this version answers requests for the bare `id`. Exactly one version of an id that has "
+            "several must set it; a single version is the default without it."
+        ),
+    )
     task: Literal["generate", "embed", "classify", "score"] = Field(
         description=(
             "'generate' serves /v1/chat/completions and /v1/completions; 'embed' serves /v1/embeddings; "
@@ -347,6 +385,9 @@ class ModelSpec(FrozenModel):
     routing: RoutingConfig = Field(
         default_factory=RoutingConfig, description="Which replica serves a request (cache-affine routing)."
     )
+    health: HealthConfig = Field(
+        default_factory=HealthConfig, description="Health checks, and when a replica counts as wedged."
+    )
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Engine-specific options, passed through and checked by the engine."
     )
@@ -368,6 +409,21 @@ class ModelSpec(FrozenModel):
                 "model `id` must be 1-128 characters of letters, digits and . _ : / -, starting with a letter or digit"
             )
         return value
+
+    @field_validator("version")
+    @classmethod
+    def _valid_version(cls, value: str | None) -> str | None:
+        if value is not None and not _VERSION.match(value):
+            raise ValueError(
+                "model `version` must be 1-64 characters of letters, digits and . _ -, starting with a letter or digit"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _default_needs_version(self) -> ModelSpec:
+        if self.default and self.version is None:
+            raise ValueError(f"model '{self.id}': `default` applies to a versioned model: set `version` or remove it")
+        return self
 
     @model_validator(mode="after")
     def _engine_needs(self) -> ModelSpec:
@@ -418,6 +474,59 @@ class ModelSpec(FrozenModel):
         return self
 
     @property
+    def versioned_id(self) -> str:
+        """The name that addresses exactly this spec: `id@version`, or `id` for an unversioned model."""
+        return self.id if self.version is None else f"{self.id}{VERSION_SEPARATOR}{self.version}"
+
+    @property
     def deployment_name(self) -> str:
-        """Stable Serve deployment name; dashboards and autoscaling metrics key on it."""
-        return f"replica:{self.id}"
+        """Stable Serve deployment name (`replica:<id>`, `replica:<id>@<version>`); dashboards and autoscaling
+        metrics key on it."""
+        return f"replica:{self.versioned_id}"
+
+
+def check_versions(models: Iterable[ModelSpec]) -> None:
+    """Check that every spec has its own `id@version` and each versioned id exactly one default version.
+
+    Raises:
+        ValueError: the message names the field and the fix.
+    """
+    by_id: dict[str, list[ModelSpec]] = {}
+    for spec in models:
+        by_id.setdefault(spec.id, []).append(spec)
+    for model_id, specs in by_id.items():
+        if len(specs) == 1:
+            continue
+        if any(s.version is None for s in specs):
+            raise ValueError(
+                f"model id '{model_id}' appears {'twice' if len(specs) == 2 else f'{len(specs)} times'}: give each "
+                "spec of it its own `version` (and mark "
+                "one `default: true`), or give each its own `id`"
+            )
+        seen: set[str] = set()
+        for s in specs:
+            if s.versioned_id in seen:
+                raise ValueError(f"model '{s.versioned_id}' appears twice: every spec of an id needs its own `version`")
+            seen.add(s.versioned_id)
+        defaults = [s.versioned_id for s in specs if s.default]
+        if len(defaults) != 1:
+            which = "none sets" if not defaults else f"{len(defaults)} set ({', '.join(defaults)})"
+            raise ValueError(
+                f"model '{model_id}' has {len(specs)} versions and {which} `default: true`: mark exactly one version "
+                "as the default (it answers requests for the bare id)"
+            )
+
+
+def served_names(models: Iterable[ModelSpec]) -> dict[str, ModelSpec]:
+    """Every name a request may give in `model` -> the spec it addresses: each spec's `id@version` (or bare `id`),
+    and the bare `id` of each default version (a version alone under its id is the default). Config order."""
+    models = list(models)
+    count: dict[str, int] = {}
+    for spec in models:
+        count[spec.id] = count.get(spec.id, 0) + 1
+    names: dict[str, ModelSpec] = {}
+    for spec in models:
+        names[spec.versioned_id] = spec
+        if spec.version is not None and (spec.default or count[spec.id] == 1):
+            names[spec.id] = spec
+    return names

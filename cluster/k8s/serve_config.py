@@ -25,13 +25,20 @@ def serve_config(plan: DeploymentPlan, *, working_dir: str) -> dict[str, Any]:
         working_dir: the app's runtime_env working_dir, a URI (`local:///app` for code in the image).
 
     Raises:
-        RenderError: the config holds API keys, which would be written in clear into the manifest.
+        RenderError: the config holds API keys, which would be written in clear into the manifest, or
+            router.tls (not rendered: TLS ends in front of the RayService).
     """
     config = plan.config
     if config.router.api_keys:
         raise RenderError(
             "router.api_keys would be written in clear into the RayService: render a config without them "
             "(keys from a Kubernetes Secret are not supported yet)"
+        )
+    if config.router.tls is not None:
+        # Serve's proxy would need the key in the pod, and KubeRay's Service and probes speak plain HTTP to it.
+        raise RenderError(
+            "router.tls is not rendered into Kubernetes manifests: terminate TLS in front of the RayService (an "
+            "Ingress or Gateway with the certificate in a TLS Secret) and render the config without router.tls"
         )
     return {
         "http_options": {"host": POD_HOST, "port": config.router.port},

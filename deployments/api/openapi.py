@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 from fastapi import FastAPI
 
-from models.spec import ModelSpec
+from models.spec import ModelSpec, served_names
 
 __all__ = ["MODEL_FIELDS", "ServedAPI", "narrow_openapi"]
 
@@ -58,6 +58,7 @@ def _integer_variant(prop: dict[str, Any]) -> dict[str, Any] | None:
 def narrow_openapi(document: dict[str, Any], specs: Iterable[ModelSpec]) -> dict[str, Any]:
     """`document` (changed in place) with the served models' names and output limits filled in."""
     specs = list(specs)
+    names = served_names(specs)  # `id@version`, and the bare id of each default version
     schemas: dict[str, Any] = document.get("components", {}).get("schemas", {})
     for name, picks in MODEL_FIELDS.items():
         served = [s for s in specs if picks(s)]
@@ -66,7 +67,7 @@ def narrow_openapi(document: dict[str, Any], specs: Iterable[ModelSpec]) -> dict
             continue
         # No served model: the endpoint still exists, and any name gets a 404 (an empty enum is invalid JSON Schema).
         if served:
-            model["enum"] = sorted(s.id for s in served)
+            model["enum"] = sorted(served_name for served_name, spec in names.items() if picks(spec))
         most = max((s.max_output_tokens for s in served), default=None)
         for field in _OUTPUT_FIELDS.get(name, ()):
             integer = _integer_variant(schemas[name]["properties"].get(field, {}))

@@ -46,8 +46,10 @@ def test_default_config_plan() -> None:
         "ray_actor_options": {"num_cpus": 1.0, "num_gpus": 0.0},
         "max_ongoing_requests": 64,
         "max_queued_requests": 256,
+        "health_check_period_s": 10.0,
         "health_check_timeout_s": 60,
-        "graceful_shutdown_timeout_s": 10,
+        "graceful_shutdown_wait_loop_s": 2.0,
+        "graceful_shutdown_timeout_s": 305.0,  # the router's request timeout, plus a margin: nothing is cut
         "max_constructor_retry_count": 3,
         "num_replicas": 1,
     }
@@ -57,6 +59,8 @@ def test_default_config_plan() -> None:
         "num_replicas": 1,
         "max_ongoing_requests": 1024,
         "ray_actor_options": {"num_cpus": 0.5},
+        "graceful_shutdown_wait_loop_s": 2.0,
+        "graceful_shutdown_timeout_s": 305.0,
     }
     assert plan.ray_env == RAY_ENV
 
