@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 
+from deployments.auth.keys import ApiKeyConfig
 from deployments.pipelines.spec import PipelineSpec, plan_pipelines
 from models.settings import get_settings
-from models.spec import FrozenModel, ModelSpec
+from models.spec import FrozenModel, ModelSpec, check_versions, served_names
 
 __all__ = [
     "BatchesConfig",
     "ConfigError",
     "RouterConfig",
     "ServingConfig",
+    "TLSConfig",
     "format_validation_error",
     "load_config",
 ]
@@ -24,6 +26,25 @@ __all__ = [
 
 class ConfigError(ValueError):
     """Raised when a config file cannot be read or does not match the schema; the message names each field."""
+
+
+class TLSConfig(FrozenModel):
+    """HTTPS on the HTTP API, served by Serve's own proxy (its `ssl_*` HTTP options): plain HTTP is then refused."""
+
+    certfile: Path = Field(description="PEM certificate (chain) file, on the machine(s) running Serve's proxy.")
+    keyfile: Path = Field(description="PEM private key file of the certificate.")
+    keyfile_password_env: str | None = Field(
+        None,
+        description="Name of an environment variable of the deploying process that holds the key file's password "
+        "(the password itself is never written in the config). Unset: the key is not encrypted.",
+    )
+
+    @field_validator("certfile", "keyfile")
+    @classmethod
+    def _absolute_file(cls, path: Path) -> Path:
+        if not path.is_absolute():
+            raise ValueError(f"must be an absolute path, not '{path}': Serve's proxy runs in Ray's own folders")
+        return path
 
 
 class RouterConfig(FrozenModel):
@@ -34,15 +55,56 @@ class RouterConfig(FrozenModel):
     max_body_bytes: int = Field(
         1_048_576, ge=1024, description="Largest request body accepted; larger bodies get a 413."
     )
+    body_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="Longest a client may take to send a request's body (a slow or stalled upload gets a 408), so "
+        "a slow client ties up nothing for long. File uploads get this long per 64 KiB of their body.",
+    )
     api_keys: tuple[SecretStr, ...] = Field(
-        (), description="If set, requests need `Authorization: Bearer <key>` with one of these keys (else 401)."
+        (),
+        description="Plain-text keys (the old form; prefer `keys`, which holds only hashes): requests need "
+        "`Authorization: Bearer <key>` with one of these or of `keys` (else 401). Hashed when the router starts; "
+        "no models or limits of their own (metrics name them `api_keys.<i>`), and never rendered into manifests.",
+    )
+    keys: tuple[ApiKeyConfig, ...] = Field(
+        (),
+        description="API keys by hash (or from an environment variable or file), each with the models it may use "
+        "and its rate limits; `modelfleet keys create NAME` makes one. With no keys at all the API is open.",
+    )
+    quota_fail_mode: Literal["open", "closed"] = Field(
+        "open",
+        description="When the shared quota store (a Ray actor holding every key's rate-limit buckets) cannot be "
+        "reached: `open` passes requests of valid keys unmetered, `closed` refuses them with a 503. Keys are "
+        "checked either way.",
     )
     request_timeout_s: float = Field(
         300.0, gt=0, description="Longest a request may take end to end before it is cancelled (408)."
     )
+    max_retries: int = Field(
+        2,
+        ge=0,
+        le=10,
+        description="Times an idempotent request (non-streaming, or a stream before its first chunk) is sent again "
+        "when the replica holding it dies, within `request_timeout_s`; with the same request id, to another replica "
+        "or the restarted one. 0: never.",
+    )
     num_replicas: int = Field(1, ge=1, description="Replicas of the router (ingress) deployment.")
+    tls: TLSConfig | None = Field(None, description="Serve HTTPS with this certificate; unset: plain HTTP.")
     num_cpus: float = Field(0.5, ge=0, description="Logical CPUs reserved for each router replica.")
     max_ongoing_requests: int = Field(1024, ge=1, description="Most requests one router replica holds at once.")
+
+    @field_validator("keys")
+    @classmethod
+    def _key_names_unique(cls, keys: tuple[ApiKeyConfig, ...]) -> tuple[ApiKeyConfig, ...]:
+        names = [k.name for k in keys]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"key name(s) {', '.join(twice)} appear twice: every key needs its own `name`")
+        digests = [k.sha256 for k in keys if k.sha256 is not None]
+        if len(set(digests)) != len(digests):
+            raise ValueError("two keys have the same `sha256`: every key needs its own secret")
+        return keys
 
 
 class BatchesConfig(FrozenModel):
@@ -99,11 +161,7 @@ class ServingConfig(FrozenModel):
     def _models_unique(cls, models: tuple[ModelSpec, ...]) -> tuple[ModelSpec, ...]:
         if not models:
             raise ValueError("`models` is empty: list at least one model")
-        seen: set[str] = set()
-        for spec in models:
-            if spec.id in seen:
-                raise ValueError(f"model id '{spec.id}' appears twice: every model needs its own `id`")
-            seen.add(spec.id)
+        check_versions(models)  # each `id@version` once, one default version per id
         return models
 
     @model_validator(mode="after")
@@ -117,9 +175,21 @@ class ServingConfig(FrozenModel):
         plan_pipelines(self.models, self.pipelines)  # raises with the field and the fix
         return self
 
+    @model_validator(mode="after")
+    def _key_models(self) -> ServingConfig:
+        known = {*served_names(self.models), *(m.id for m in self.models), *(p.id for p in self.pipelines)}
+        for key in self.router.keys:
+            unknown = [m for m in key.models or () if m not in known]
+            if unknown:
+                raise ValueError(
+                    f"router.keys '{key.name}': models {', '.join(unknown)} are not served: name models or "
+                    f"pipelines of this config ({', '.join(sorted(known))})"
+                )
+        return self
+
     def model(self, model_id: str) -> ModelSpec | None:
-        """The spec with this id, or None."""
-        return next((m for m in self.models if m.id == model_id), None)
+        """The spec a request naming `model_id` reaches (`id@version`, or a bare id: its default version), or None."""
+        return served_names(self.models).get(model_id)
 
 
 def format_validation_error(exc: ValidationError, *, source: str = "config") -> str:

@@ -8,6 +8,7 @@ ServingError                         base; attrs: status_code, error_type, param
 ├── RequestTooLargeError     413     request body over the router's limit
 ├── OverloadedError          429     queue full / backpressure
 ├── ColdStartError           503     a model at zero replicas did not start in time, or too many wait for it
+├── QuotaUnavailableError    503     the shared rate-limit store is unreachable and the limits fail closed
 └── EngineError              500     the engine failed while serving
     ├── EngineStartError     500     weights or tokenizer could not be loaded
     └── EngineDeadError      503     the engine stopped answering; Serve restarts the replica
@@ -24,6 +25,7 @@ __all__ = [
     "InvalidRequestError",
     "ModelNotFoundError",
     "OverloadedError",
+    "QuotaUnavailableError",
     "RequestTimeoutError",
     "RequestTooLargeError",
     "ServingError",
@@ -118,6 +120,14 @@ class ColdStartError(ServingError):
 
 def _rebuild_cold(message: str, param: str | None, code: str | None, retry_after_s: int) -> ColdStartError:
     return ColdStartError(message, param=param, code=code, retry_after_s=retry_after_s)
+
+
+class QuotaUnavailableError(ServingError):
+    """Raised when the shared quota store cannot be reached and `router.quota_fail_mode` is 'closed'."""
+
+    status_code = 503
+    error_type = "service_unavailable"
+    retry_after_s = 1
 
 
 class EngineError(ServingError):

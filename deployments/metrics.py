@@ -18,11 +18,17 @@ from typing import Any, Literal
 from deployments.engines.protocol import ReplicaTimes
 
 __all__ = [
+    "FAULT_METRICS",
+    "KEY_METRICS",
+    "KEY_REQUESTS",
+    "KEY_TOKENS",
     "METRICS",
+    "RETRIES",
     "TTFT_PARTS",
     "MetricDef",
     "ReplicaMetrics",
     "ReplicaRequest",
+    "count_retry",
     "instrument",
     "observe",
     "vllm_stat_loggers",
@@ -154,6 +160,14 @@ PIPELINE_STEP_LATENCY = MetricDef(
     "router",
     _LATENCY_BUCKETS,
 )
+PIPELINE_REQUESTS = MetricDef(
+    "modelfleet_pipeline_requests",
+    "counter",
+    "HTTP requests that named a pipeline (`model` is the pipeline), by endpoint and HTTP status; each is also "
+    "counted in modelfleet_requests under the model that answered it. A streamed response counts its 200.",
+    ("model", "endpoint", "status"),
+    "router",
+)
 METRICS: tuple[MetricDef, ...] = (
     REQUESTS,
     STREAM_ERRORS,
@@ -168,6 +182,7 @@ METRICS: tuple[MetricDef, ...] = (
     WAITING,
     REPLICAS,
     PIPELINE_STEP_LATENCY,
+    PIPELINE_REQUESTS,
 )
 
 
@@ -299,3 +314,43 @@ def vllm_stat_loggers() -> list[Any] | None:
         _gauge_cls = KeptGauge
 
     return [RayStatLogger]
+
+
+# -- faults: retries of requests whose replica was lost -----------------------------------------------------------
+
+RETRIES = MetricDef(
+    "modelfleet_retries",
+    "counter",
+    "Requests the router sent again because the replica holding them was lost before they returned (`reason`: "
+    "replica_died, replica_unavailable, engine_dead). Series appear with the first retry; kept out of `METRICS`, "
+    "whose every series the dashboards show and the observability test expects under plain load.",
+    ("model", "reason"),
+    "router",
+)
+FAULT_METRICS: tuple[MetricDef, ...] = (RETRIES,)
+
+
+def count_retry(model_id: str, reason: str) -> None:
+    """One request of `model_id` sent again after its replica was lost (`RETRIES`)."""
+    instrument(RETRIES).inc(1, tags={"model": model_id, "reason": reason})
+
+
+# -- API keys: usage per key (key names only, never keys) -----------------------------------------------------------
+
+KEY_REQUESTS = MetricDef(
+    "modelfleet_key_requests",
+    "counter",
+    "HTTP requests made with each API key (`key`: the key's name in router.keys; plain router.api_keys are "
+    "`api_keys.<i>`), by HTTP status (429: over the key's limits). Series appear once keys are used; kept out of "
+    "`METRICS` (no `model` label, and absent where no keys are configured).",
+    ("key", "status"),
+    "router",
+)
+KEY_TOKENS = MetricDef(
+    "modelfleet_key_tokens",
+    "counter",
+    "Tokens charged to each API key (`kind`: prompt or completion), as its requests' `usage` reports them.",
+    ("key", "kind"),
+    "router",
+)
+KEY_METRICS: tuple[MetricDef, ...] = (KEY_REQUESTS, KEY_TOKENS)

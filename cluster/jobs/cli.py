@@ -48,7 +48,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         concurrency=args.concurrency,
     )
-    prepare_models(config, only=args.model)
+    prepare_models(config, only=spec.model.spec.id)  # every version of the id: `only` takes a bare id
     job_id = jobs.submit(spec, address=address)
     _say(f"submitted batch job {job_id}: model {args.model}, {spec.input} -> {spec.output}")
     if not args.wait:
@@ -100,7 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("submit", help="submit a batch job")
     p.add_argument("--config", help=f"serving config YAML (default: {DEFAULT_CONFIG.name})")
-    p.add_argument("--model", required=True, help="id of the config's model that answers every line")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="the config's model that answers every line: its id (the default version), or id@version",
+    )
     p.add_argument("--input", required=True, help="input JSONL file (OpenAI batch format)")
     p.add_argument("--output", required=True, help="output JSONL file, written when the job succeeds")
     for name in ("batch_size", "concurrency"):

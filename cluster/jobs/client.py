@@ -24,6 +24,7 @@ from deployments.batch.spec import BatchJobSpec, partial_path
 from deployments.batch.submission import JobAPIError, JobState, connect, job_state, stop_job, submit_job
 from deployments.config import ServingConfig
 from deployments.plan import PlanError, plan_model
+from models.spec import served_names
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
@@ -101,6 +102,8 @@ def build_spec(
 ) -> BatchJobSpec:
     """The job spec of running `model_id` of `config` over `input_path` (paths made absolute, on this machine).
 
+    `model_id` is named as requests name it: `id@version`, or the bare id for the default version.
+
     Args:
         engine_cpus: the cluster's engine cores (`ClusterState.engine_cpus`), handed to the engine as a replica's.
         batch_size: input lines per batch (default: BatchJobSpec's).
@@ -110,9 +113,10 @@ def build_spec(
         BatchError: no such model, a model the batch runner cannot place (tensor/pipeline parallel), a plan error,
             a missing input, or an output that would overwrite the input.
     """
-    spec = next((m for m in config.models if m.id == model_id), None)
+    names = served_names(config.models)
+    spec = names.get(model_id)
     if spec is None:
-        known = ", ".join(m.id for m in config.models)
+        known = ", ".join(names)
         raise BatchError(f"config '{config.name}' has no model '{model_id}' (models: {known})")
     if spec.parallelism.world_size > 1:
         raise BatchError(
@@ -129,7 +133,9 @@ def build_spec(
     if output == source:
         raise BatchError("the output must not be the input file")
     given = {"batch_size": batch_size, "concurrency": concurrency}
-    fields = {key: value for key, value in given.items() if value is not None}
+    fields: dict[str, object] = {key: value for key, value in given.items() if value is not None}
+    if model_id != spec.versioned_id:  # the bare id of the default version: the lines may name it so
+        fields["names"] = (model_id,)
     return BatchJobSpec.model_validate({"model": plan, "input": str(source), "output": str(output), **fields})
 
 

@@ -5,7 +5,8 @@ the input file with Ray Data and writes the answered lines to the batch's output
 error file, in the files folder. The ingress replica submits it through Ray's job API, found from inside the
 cluster (the dashboard's address in Ray's internal KV), with the token the replica already runs with, and the
 code it runs with (the app's `working_dir` package). A batch's state is its job's state, read when asked for; a
-batch that ended is finalised once (its files registered) and then read from its record alone.
+batch that ended is finalised once (its files registered) and then read from its record alone. With API keys
+configured, a batch (and its result files) belongs to the key that created it: another key gets 404 for it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import json
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -24,14 +25,16 @@ from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse
 from pydantic import Field, field_validator
 
-from deployments.api.files import NotFoundError, store
+from deployments.api.files import NotFoundError, request_owner, store, visible
 from deployments.api.wire import WireRequest
+from deployments.auth import check_model
 from deployments.batch.format import URLS
 from deployments.batch.spec import BatchJobSpec, partial_path
 from deployments.batch.store import FileStore, new_batch_id, new_file_id
 from deployments.batch.submission import JobAPIError, JobState, connect, job_state, stop_job, submit_job
 from deployments.errors import InvalidRequestError, ModelNotFoundError, ServingError
 from deployments.plan import ModelPlan
+from models.spec import served_names
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
@@ -98,6 +101,7 @@ class BatchCreateRequest(WireRequest):
 
 @dataclass
 class _State:
+    #: Every name a batch may give its model (`id@version`, and the bare id of a default version) -> its plan.
     plans: dict[str, ModelPlan] = field(default_factory=dict)
     client: JobSubmissionClient | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -106,9 +110,12 @@ class _State:
 _state = _State()
 
 
-def configure(plans: Mapping[str, ModelPlan]) -> None:
-    """Run batches with these models' plans (in this ingress process)."""
-    _state.plans = dict(plans)
+def configure(plans: Iterable[ModelPlan]) -> None:
+    """Run batches with these models' plans (in this ingress process), named as requests name them: `id@version`,
+    or the bare id for the default version."""
+    plans = list(plans)
+    by_version = {p.spec.versioned_id: p for p in plans}
+    _state.plans = {name: by_version[spec.versioned_id] for name, spec in served_names(p.spec for p in plans).items()}
 
 
 def _job_client() -> JobSubmissionClient:
@@ -164,6 +171,7 @@ def _input_model(path: Path) -> str:
 
 
 def _plan_for(model: str, endpoint: str) -> ModelPlan:
+    check_model(model)  # a model the request's API key may not use: 404, as an unknown one
     plan = _state.plans.get(model)
     if plan is None:
         raise ModelNotFoundError(f"The model '{model}' does not exist. Served models: {', '.join(_state.plans)}")
@@ -182,13 +190,14 @@ def _plan_for(model: str, endpoint: str) -> ModelPlan:
 def _create(body: BatchCreateRequest) -> dict[str, Any]:
     files = store()
     source = files.get(body.input_file_id)
-    if source is None:
+    if source is None or not visible(source.owner):  # another key's file is as missing as one never stored
         raise NotFoundError(f"No such file: '{body.input_file_id}'", param="input_file_id", code="file_not_found")
     if source.purpose != "batch":
         raise InvalidRequestError(
             f"The file '{source.id}' has purpose '{source.purpose}', not 'batch'", param="input_file_id"
         )
-    plan = _plan_for(_input_model(files.content_path(source.id)), body.endpoint)
+    model = _input_model(files.content_path(source.id))
+    plan = _plan_for(model, body.endpoint)
     client = _job_client()
     batch_id, output_id, error_id = new_batch_id(), new_file_id(), new_file_id()
     spec = BatchJobSpec(
@@ -197,6 +206,8 @@ def _create(body: BatchCreateRequest) -> dict[str, Any]:
         output=str(files.content_path(output_id)),
         errors=str(files.content_path(error_id)),
         endpoint=body.endpoint,
+        # The lines name the model as they did here: the bare id of a default version, too.
+        names=(model,) if model != plan.spec.versioned_id else (),
     )
     record = {
         "id": batch_id,
@@ -205,9 +216,10 @@ def _create(body: BatchCreateRequest) -> dict[str, Any]:
         "completion_window": body.completion_window,
         "created_at": int(time.time()),
         "metadata": body.metadata,
-        "model": plan.spec.id,
+        "model": plan.spec.versioned_id,
         "files": {"output_file_id": output_id, "error_file_id": error_id},
         "status": "validating",
+        "owner": request_owner(),
     }
     files.put_batch(batch_id, record)
     try:
@@ -241,7 +253,9 @@ def _register_results(files: FileStore, record: dict[str, Any], *, partial: bool
             except FileNotFoundError:
                 pass  # moved by another replica
         if path.exists() and path.stat().st_size > 0:
-            files.register(file_id, filename=f"{record['id']}_{kind}.jsonl", purpose="batch_output")
+            files.register(
+                file_id, filename=f"{record['id']}_{kind}.jsonl", purpose="batch_output", owner=record.get("owner")
+            )
             ids[key] = file_id
         else:
             path.unlink(missing_ok=True)
@@ -326,7 +340,7 @@ def _wire(record: dict[str, Any]) -> dict[str, Any]:
 
 def _record(batch_id: str) -> dict[str, Any]:
     record = store().get_batch(batch_id)
-    if record is None:
+    if record is None or not visible(record.get("owner")):  # another key's batch is as missing as none
         raise NotFoundError(f"No such batch: '{batch_id}'", param="batch_id", code="batch_not_found")
     return record
 
@@ -353,7 +367,7 @@ def _cancel(batch_id: str) -> dict[str, Any]:
 
 
 def _list(limit: int, after: str | None) -> dict[str, Any]:
-    records = store().batches()
+    records = [r for r in store().batches() if visible(r.get("owner"))]
     if after is not None:
         ids = [r["id"] for r in records]
         records = records[ids.index(after) + 1 :] if after in ids else []

@@ -11,6 +11,7 @@ from deployments.api.errors import to_error_response
 from deployments.api.openai_models import SEED_MAX, SEED_MIN, ChatCompletionRequest, CompletionRequest, new_id, usage
 from deployments.api.sse import DONE, event
 from deployments.api.tools import tool_call_json
+from deployments.auth.limits import charge
 from deployments.engines.protocol import GenerateChunk, GenerateRequest, TokenLogprob
 from deployments.router import Router
 
@@ -142,6 +143,7 @@ class Completion:
         outs = await asyncio.gather(*(self.router.complete(self.body.model, r) for r in self.requests))
         self._served_by(outs)
         outs = [o.model_copy(update={"text": p + o.text}) if p else o for o, p in zip(outs, self.prefixes, strict=True)]
+        charge(self._prompt_tokens(outs), sum(o.completion_tokens for o in outs))  # to the request's API key, if any
         return {
             **self._envelope(chunk=False),
             "choices": [self._choice(i, out, delta=False) for i, out in enumerate(outs)],
@@ -239,4 +241,7 @@ class Completion:
         finally:
             for task in tasks:
                 task.cancel()
+            # The tokens streamed, also when the client left or a choice failed: to the request's API key, if any.
+            got = [c for c in last[:: self.body.n] if c is not None], [c for c in last if c is not None]
+            charge(sum(c.prompt_tokens for c in got[0]), sum(c.completion_tokens for c in got[1]))
         yield DONE

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from deployments.api.openai_models import EmbeddingRequest, usage
+from deployments.auth.limits import charge
 from deployments.engines.protocol import EmbedResult
 from deployments.errors import InvalidRequestError
 
@@ -31,4 +32,5 @@ def embedding_body(body: EmbeddingRequest, result: EmbedResult) -> dict[str, Any
         if body.encoding_format == "base64":
             value = base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
         data.append({"object": "embedding", "index": i, "embedding": value})
+    charge(result.prompt_tokens)  # to the request's API key, if any (a batch job has none)
     return {"object": "list", "data": data, "model": body.model, "usage": usage(result.prompt_tokens)}

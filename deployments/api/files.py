@@ -3,7 +3,8 @@
 The routes live on an `APIRouter` that the ingress includes; `configure` (called by the ingress replica when it
 starts) points them at the folder of `ServingConfig.batches`. The upload arrives as multipart form data (what the
 openai SDK sends) and is spooled to disk by Starlette's parser, never held whole in memory; the ingress middleware
-bounds its size as it arrives (`UPLOAD_PATH`, see `upload_limit`).
+bounds its size as it arrives (`UPLOAD_PATH`, see `upload_limit`). With API keys configured, a key sees only the
+files it uploaded (and its batches' results): another key's file answers 404, as a missing one does (OpenAI's way).
 """
 
 from __future__ import annotations
@@ -16,11 +17,22 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.datastructures import UploadFile
 
+from deployments.auth import current_tenant
 from deployments.batch.store import FileRecord, FileStore, FileTooLargeError
 from deployments.config import BatchesConfig
 from deployments.errors import InvalidRequestError, RequestTooLargeError, ServingError
 
-__all__ = ["UPLOAD_PATH", "NotFoundError", "configure", "file_object", "router", "store", "upload_limit"]
+__all__ = [
+    "UPLOAD_PATH",
+    "NotFoundError",
+    "configure",
+    "file_object",
+    "request_owner",
+    "router",
+    "store",
+    "upload_limit",
+    "visible",
+]
 
 UPLOAD_PATH = "/v1/files"
 # Room for the multipart framing around the file (boundaries, part headers, the purpose field): the middleware
@@ -80,16 +92,40 @@ def upload_limit() -> int | None:
     return config.max_file_bytes + _FORM_OVERHEAD_BYTES if config is not None and config.enabled else None
 
 
+def request_owner() -> str | None:
+    """The owner the request being served gives what it creates: its API key's name (None: keys are off)."""
+    tenant = current_tenant()
+    return tenant.name if tenant is not None else None
+
+
+def visible(owner: str | None) -> bool:
+    """Whether a file or batch of `owner` is the current request's to see: its own key's only (all, with keys off)."""
+    tenant = current_tenant()
+    return tenant is None or tenant.name == owner
+
+
 def file_object(record: FileRecord) -> dict[str, Any]:
-    """OpenAI's File object of a stored file."""
-    return {**record.model_dump(), "object": "file", "status": "processed", "expires_at": None, "status_details": None}
+    """OpenAI's File object of a stored file (its owner is not shown)."""
+    return {
+        **record.model_dump(exclude={"owner"}),
+        "object": "file",
+        "status": "processed",
+        "expires_at": None,
+        "status_details": None,
+    }
 
 
 def _get(file_id: str) -> FileRecord:
     record = store().get(file_id)
-    if record is None:
+    if record is None or not visible(record.owner):  # another key's file is as missing as one never stored
         raise NotFoundError(f"No such file: '{file_id}'", param="file_id", code="file_not_found")
     return record
+
+
+def _delete(file_id: str) -> None:
+    _get(file_id)  # 404 for another key's file
+    if not store().delete(file_id):
+        raise NotFoundError(f"No such file: '{file_id}'", param="file_id", code="file_not_found")
 
 
 # The form the route parses itself (below), stated for the OpenAPI document.
@@ -145,6 +181,7 @@ async def create_file(request: Request) -> JSONResponse:
                 filename=upload.filename or "upload.jsonl",
                 purpose=purpose,
                 max_bytes=config.max_file_bytes,
+                owner=request_owner(),
             )
         except FileTooLargeError as exc:
             raise RequestTooLargeError(str(exc), param="file", code="file_too_large") from None
@@ -161,7 +198,7 @@ async def list_files(
     order: Literal["asc", "desc"] = "desc",
 ) -> JSONResponse:
     """Stored files (of one `purpose`), newest first unless `order=asc`; `after` is the cursor (a file id)."""
-    records = await asyncio.to_thread(store().files, purpose)
+    records = [r for r in await asyncio.to_thread(store().files, purpose) if visible(r.owner)]
     if order == "asc":
         records.reverse()
     if after is not None:
@@ -195,6 +232,5 @@ async def file_content(file_id: str) -> FileResponse:
 @router.delete(UPLOAD_PATH + "/{file_id}")
 async def delete_file(file_id: str) -> JSONResponse:
     """Delete a file (a batch whose job has not read it yet then fails)."""
-    if not await asyncio.to_thread(store().delete, file_id):
-        raise NotFoundError(f"No such file: '{file_id}'", param="file_id", code="file_not_found")
+    await asyncio.to_thread(_delete, file_id)
     return JSONResponse({"id": file_id, "object": "file", "deleted": True})

@@ -15,7 +15,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from deployments import cpus
+from deployments import auth, cpus
 from deployments.api import batches, files
 from deployments.api import pipelines as pipeline_api
 from deployments.api.completions import Completion
@@ -61,7 +61,7 @@ from deployments.pipelines.executor import Pipelines
 from deployments.pipelines.spec import PipelinePlan, plan_pipelines
 from deployments.plan import ModelPlan, plan_model
 from deployments.router import Router
-from models.spec import ModelSpec
+from models.spec import ModelSpec, served_names
 
 __all__ = ["REPLICA_HEADER", "OpenAIIngress", "app"]
 
@@ -174,9 +174,14 @@ class OpenAIIngress:
             pipelines = plan_pipelines(config.models, config.pipelines)
         self.pipelines = Pipelines(self.router, pipelines, config.router.request_timeout_s)
         files.configure(config.batches)
-        batches.configure({m.spec.id: m for m in models or [plan_model(spec) for spec in config.models]})
+        batches.configure(models or [plan_model(spec) for spec in config.models])
         limits.max_body_bytes = config.router.max_body_bytes
-        limits.api_keys = tuple(k.get_secret_value().encode() for k in config.router.api_keys)
+        limits.body_timeout_s = config.router.body_timeout_s
+        limits.keys = auth.KeyRing.from_config(config.router)
+        limits.quotas = None
+        if any(tenant.limited for tenant in limits.keys.tenants):
+            limits.quotas = auth.Quotas(config.name, config.router.quota_fail_mode)
+            limits.quotas.connect()
         # The OpenAPI document names the served models, so schema-driven clients generate requests this config takes.
         ServedAPI.served = tuple(config.models)
         # Routing moves bytes; the engines' processes come first when the CPU is contended.
@@ -201,39 +206,46 @@ class OpenAIIngress:
         """vLLM's probe path: 200 with no body while the router answers."""
         return Response(status_code=200)
 
-    async def _card(self, spec: ModelSpec) -> ModelCard:
-        info = await self.router.describe(spec.id)
+    async def _card(self, spec: ModelSpec, name: str) -> ModelCard:
+        """The card of `spec` under `name`: its `id@version`, or the bare id (an unversioned model, or the default
+        version, whose card is the same under both names)."""
+        info = await self.router.describe(spec.versioned_id)
         root = str(spec.source) if spec.source else spec.id
-        replicas = await self.router.replicas(spec.id)
+        replicas = await self.router.replicas(spec.versioned_id)
         return ModelCard(
-            id=spec.id,
+            id=name,
             task=spec.task,
             engine=spec.engine,
             root=root,
             max_model_len=info.get("max_model_len"),
-            status=await self.router.state(spec.id),
+            status=await self.router.state(spec.versioned_id),
             replicas=replicas.running if replicas is not None else None,
         )
 
     @app.get("/v1/models", response_model=ModelList)
     async def list_models(self) -> ModelList:
-        """The served models."""
-        cards = list(await asyncio.gather(*(self._card(s) for s in self.router.specs)))
-        return ModelList(data=cards + [pipeline_api.model_card(p) for p in self.pipelines.plans.values()])
+        """The served models: each version as `id@version`, and the bare id of each default version (and of each
+        unversioned model)."""
+        names = served_names(self.router.specs)
+        cards = list(await asyncio.gather(*(self._card(spec, name) for name, spec in names.items())))
+        cards += [pipeline_api.model_card(p) for p in self.pipelines.plans.values()]
+        return ModelList(data=[card for card in cards if auth.may_use(card.id)])  # a key sees its own models
 
     @app.get("/v1/models/{model_id:path}", response_model=ModelCard)
     async def get_model(self, model_id: str) -> ModelCard:
         """One served model."""
-        spec = next((s for s in self.router.specs if s.id == model_id), None)
+        auth.check_model(model_id)
+        spec = served_names(self.router.specs).get(model_id)
         if spec is None and self.pipelines.serves(model_id):
             return pipeline_api.model_card(self.pipelines.plans[model_id])
         if spec is None:
             raise ModelNotFoundError(f"The model '{model_id}' does not exist")
-        return await self._card(spec)
+        return await self._card(spec, model_id)
 
     @app.post("/tokenize", response_model=TokenizeResponse)
     async def tokenize(self, body: TokenizeCompletionRequest | TokenizeChatRequest, request: Request) -> JSONResponse:
         """Token ids of a prompt or of chat messages, as generation sees them (vLLM's endpoint)."""
+        auth.check_model(body.model)
         result = await self.router.tokenize(body.model, body.internal(_request_id(request)))
         payload = TokenizeResponse(
             count=len(result.tokens),
@@ -246,12 +258,16 @@ class OpenAIIngress:
     @app.post("/detokenize", response_model=DetokenizeResponse)
     async def detokenize(self, body: DetokenizeRequest) -> JSONResponse:
         """The text of token ids (vLLM's endpoint)."""
+        auth.check_model(body.model)
         text = await self.router.detokenize(body.model, tuple(body.tokens))
         return JSONResponse(DetokenizeResponse(prompt=text).model_dump())
 
     @app.post("/classify", response_model=ClassificationResponse)
     async def classify(self, body: ClassificationRequest, request: Request) -> JSONResponse:
         """Class probabilities of texts, from a sequence-classification model (vLLM's endpoint)."""
+        auth.check_model(body.model)
+        if self.pipelines.serves(body.model):
+            return await pipeline_api.classify(self.pipelines, body, request, _request_id(request))
         spec = self.router.spec_for(body.model, "classify")
         rid = _request_id(request)
         result = await self.router.classify(body.model, body.internal(rid, _session_key(spec, request, body.user)))
@@ -263,6 +279,9 @@ class OpenAIIngress:
     @app.post("/v1/score", response_model=ScoreResponse)
     async def score(self, body: ScoreTextsRequest, request: Request) -> JSONResponse:
         """Relevance scores of text pairs, from a cross-encoder (vLLM's endpoint)."""
+        auth.check_model(body.model)
+        if self.pipelines.serves(body.model):
+            return await pipeline_api.score(self.pipelines, body, request, _request_id(request))
         spec = self.router.spec_for(body.model, "score")
         rid = _request_id(request)
         result = await self.router.score(body.model, body.internal(rid, _session_key(spec, request, body.user)))
@@ -275,6 +294,9 @@ class OpenAIIngress:
     @app.post("/v2/rerank", response_model=RerankResponse)
     async def rerank(self, body: RerankRequest, request: Request) -> JSONResponse:
         """Documents ranked by a cross-encoder's relevance to a query (vLLM's and Jina's endpoint)."""
+        auth.check_model(body.model)
+        if self.pipelines.serves(body.model):
+            return await pipeline_api.rerank(self.pipelines, body, request, _request_id(request))
         spec = self.router.spec_for(body.model, "score")
         rid = _request_id(request)
         result = await self.router.score(body.model, body.internal(rid, _session_key(spec, request, body.user)))
@@ -285,6 +307,7 @@ class OpenAIIngress:
     @app.post("/v1/chat/completions", responses=_COMPLETION_RESPONSES)
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
         """Chat completion, streamed as SSE when `stream` is true."""
+        auth.check_model(body.model)
         if self.pipelines.serves(body.model):
             return await pipeline_api.chat(self.pipelines, body, request, _request_id(request))
         spec = self.router.spec_for(body.model, "generate")
@@ -300,6 +323,7 @@ class OpenAIIngress:
     @app.post("/v1/completions", responses=_COMPLETION_RESPONSES)
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         """Text completion, streamed as SSE when `stream` is true; one set of `n` choices per prompt."""
+        auth.check_model(body.model)
         if self.pipelines.serves(body.model):
             return await pipeline_api.completions(self.pipelines, body, request, _request_id(request))
         spec = self.router.spec_for(body.model, "generate")
@@ -324,6 +348,7 @@ class OpenAIIngress:
     @app.post("/v1/embeddings")
     async def embeddings(self, body: EmbeddingRequest, request: Request) -> JSONResponse:
         """Embeddings of one text or a list of texts."""
+        auth.check_model(body.model)
         if self.pipelines.serves(body.model):
             return await pipeline_api.embeddings(self.pipelines, body, request, _request_id(request))
         spec = self.router.spec_for(body.model, "embed")

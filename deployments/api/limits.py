@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
-import hmac
+import math
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -13,7 +14,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from deployments import timing
 from deployments.api import files
 from deployments.api.errors import to_error_response
-from deployments.errors import AuthenticationError, RequestTooLargeError, ServingError
+from deployments.auth import KeyRing, bind_request
+from deployments.auth.limits import Admission, Quotas
+from deployments.errors import AuthenticationError, RequestTimeoutError, RequestTooLargeError, ServingError
+from deployments.metrics import KEY_REQUESTS, instrument
 
 __all__ = ["OPEN_PATHS", "Limits", "LimitsMiddleware", "error_response", "limits", "request_path"]
 
@@ -35,8 +39,16 @@ def error_response(exc: BaseException, request_id: str) -> JSONResponse:
     status, body = to_error_response(exc, request_id)
     # Serve's proxy sets the x-request-id response header (the client's own id, or one it generated).
     retry_after = exc.retry_after_s if isinstance(exc, ServingError) else None
-    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
-    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else {}
+    if _body_unread(exc):
+        # The rest of the body is still on the connection: close it after this answer, rather than let the client
+        # go on sending (a slow client would hold the proxy's connection for as long as it liked).
+        headers["Connection"] = "close"
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers or None)
+
+
+def _body_unread(exc: BaseException) -> bool:
+    return isinstance(exc, RequestTooLargeError) or (isinstance(exc, RequestTimeoutError) and exc.code == _BODY_TIMEOUT)
 
 
 @dataclass
@@ -44,7 +56,11 @@ class Limits:
     """Per-process request limits; set from the config when the ingress replica starts."""
 
     max_body_bytes: int = 1_048_576
-    api_keys: tuple[bytes, ...] = ()
+    #: The API keys (by hash); empty: the API is open.
+    keys: KeyRing = field(default_factory=KeyRing)
+    #: The shared rate-limit store's client; None: no key has limits.
+    quotas: Quotas | None = None
+    body_timeout_s: float = 30.0
 
 
 limits = Limits()
@@ -75,7 +91,8 @@ class LimitsMiddleware:
         headers = dict(scope.get("headers") or [])
         rid = headers.get(b"x-request-id", b"").decode("latin-1") or uuid.uuid4().hex
         scope["modelfleet.request_id"] = rid
-        failure = self._check_auth(scope, headers)
+        failure = await self._check_auth(scope, headers)
+        send = _keyed(scope, send)
         upload_limit = (
             files.upload_limit() if request_path(scope) == files.UPLOAD_PATH and scope["method"] == "POST" else None
         )
@@ -109,20 +126,41 @@ class LimitsMiddleware:
         await self.app(scope, replay, send)
 
     @staticmethod
-    def _check_auth(scope: Scope, headers: dict[bytes, bytes]) -> ServingError | None:
-        if not limits.api_keys or request_path(scope) in OPEN_PATHS:
+    async def _check_auth(scope: Scope, headers: dict[bytes, bytes]) -> ServingError | None:
+        """The key (401), then its rate limits (429, one call to the shared store); binds the key's tenant to the
+        request (its models, the charge of its tokens) and notes the limits' state for the response headers."""
+        bind_request(None, None)
+        if not limits.keys.enabled or request_path(scope) in OPEN_PATHS:
             return None
         auth = headers.get(b"authorization", b"")
         token = auth[7:].strip() if auth[:7].lower() == b"bearer " else b""
-        if any(hmac.compare_digest(token, key) for key in limits.api_keys):
+        tenant = limits.keys.resolve(token)
+        if tenant is None:
+            return AuthenticationError("Missing or invalid API key: send `Authorization: Bearer <key>`")
+        scope["modelfleet.key"] = tenant.name
+        bind_request(tenant, limits.quotas)
+        if limits.quotas is None:
             return None
-        return AuthenticationError("Missing or invalid API key: send `Authorization: Bearer <key>`")
+        try:
+            # Tokens are what a POST spends: a key whose token bucket is in debt may still read (GET) its batches.
+            admission = await limits.quotas.admit(tenant, tokens=scope["method"] == "POST")
+        except ServingError as exc:  # the store is unreachable and the fail mode is 'closed'
+            return exc
+        if admission is None:
+            return None
+        scope["modelfleet.ratelimit"] = admission
+        return None if admission.allowed else admission.error(tenant.name)
 
     async def _read_body(self, receive: Receive) -> tuple[bytes, ServingError | None]:
         chunks: list[bytes] = []
         size = 0
+        deadline = asyncio.get_running_loop().time() + limits.body_timeout_s
         while True:
-            message = await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                return b"", _body_too_slow(limits.body_timeout_s)
             if message["type"] != "http.request":
                 return b"", None
             chunk = message.get("body", b"")
@@ -155,17 +193,91 @@ def _upload_too_large(limit: int) -> RequestTooLargeError:
     )
 
 
+_BODY_TIMEOUT = "body_timeout"
+# An upload may take longer than `body_timeout_s`, but must keep up this rate after it: a slow-loris client cannot.
+_UPLOAD_MIN_BYTES_PER_S = 65_536
+
+
+def _body_too_slow(allowed_s: float) -> RequestTimeoutError:
+    return RequestTimeoutError(
+        f"The request body did not arrive within {allowed_s:.0f} s (`router.body_timeout_s`); send it faster",
+        code=_BODY_TIMEOUT,
+    )
+
+
 def _bounded(receive: Receive, limit: int) -> Receive:
-    """`receive`, failing with a 413 once the body has grown past `limit` bytes (a chunked upload has no length)."""
+    """`receive`, failing with a 413 once the body has grown past `limit` bytes (a chunked upload has no length), and
+    with a 408 once it arrives slower than `body_timeout_s` plus a second per 64 KiB received."""
     size = 0
+    started: float | None = None  # on the loop's clock, from the first read
+    done = False
 
     async def bounded() -> Message:
-        nonlocal size
-        message = await receive()
+        nonlocal size, started, done
+        if done:  # the body is in: what follows is the disconnect, which may come whenever
+            return await receive()
+        started = asyncio.get_running_loop().time() if started is None else started
+        allowed = limits.body_timeout_s + size / _UPLOAD_MIN_BYTES_PER_S
+        try:
+            async with asyncio.timeout_at(started + allowed):
+                message = await receive()
+        except TimeoutError:
+            raise _body_too_slow(allowed) from None  # inside the route's form parsing: its error handler answers
         if message["type"] == "http.request":
+            done = not message.get("more_body", False)
             size += len(message.get("body", b""))
             if size > limit:
                 raise _upload_too_large(limit)  # raised inside the route's form parsing: its error handler answers
         return message
 
     return bounded
+
+
+# -- API keys: rate-limit headers and per-key counts ------------------------------------------------------------------
+
+
+def _keyed(scope: Scope, send: Send) -> Send:
+    """`send`, adding OpenAI's x-ratelimit-* headers of the request's key to its response (success or 429), and
+    counting the request under the key's name; `send` itself for a request without a key."""
+    key = scope.get("modelfleet.key")
+    if key is None:
+        return send
+    admission: Admission | None = scope.get("modelfleet.ratelimit")
+    extra = _ratelimit_headers(admission) if admission is not None else []
+
+    async def keyed(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), *extra]}
+            instrument(KEY_REQUESTS).inc(1, tags={"key": key, "status": str(message["status"])})
+        await send(message)
+
+    return keyed
+
+
+def _ratelimit_headers(a: Admission) -> list[tuple[bytes, bytes]]:
+    """OpenAI's headers: limit, remaining, and the time until the bucket is full again ("1s", "6m0s", "20ms")."""
+    out: list[tuple[str, str]] = []
+    if a.limit_requests is not None:
+        out += [
+            ("x-ratelimit-limit-requests", str(a.limit_requests)),
+            ("x-ratelimit-remaining-requests", str(a.remaining_requests)),
+            ("x-ratelimit-reset-requests", _duration(a.reset_requests_s)),
+        ]
+    if a.limit_tokens is not None:
+        out += [
+            ("x-ratelimit-limit-tokens", str(a.limit_tokens)),
+            ("x-ratelimit-remaining-tokens", str(a.remaining_tokens)),
+            ("x-ratelimit-reset-tokens", _duration(a.reset_tokens_s)),
+        ]
+    return [(k.encode(), v.encode()) for k, v in out]
+
+
+def _duration(seconds: float) -> str:
+    """A duration as OpenAI writes its reset headers: "17ms", "1s", "2.5s", "6m0s", "1h2m3s"."""
+    if seconds < 1:
+        return f"{math.ceil(seconds * 1000)}ms"
+    if seconds < 60:
+        return f"{seconds:.3f}".rstrip("0").rstrip(".") + "s"
+    hours, rest = divmod(math.ceil(seconds), 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes}m{secs}s" if hours else f"{minutes}m{secs}s"

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from deployments.api.wire import WireRequest, same_type
+from deployments.auth.limits import charge
 from deployments.engines.protocol import (
     ClassifyRequest,
     ClassifyResult,
@@ -320,6 +321,7 @@ def _usage(tokens: int) -> PoolingUsage:
 
 def classification_body(body: ClassificationRequest, result: ClassifyResult, response_id: str) -> dict[str, Any]:
     """vLLM's /classify response for `body` from the engine's `result`."""
+    charge(result.prompt_tokens)  # to the request's API key, if any
     data = [
         ClassificationData(index=i, label=c.label, probs=list(c.probs), num_classes=len(c.probs))
         for i, c in enumerate(result.classifications)
@@ -332,6 +334,7 @@ def classification_body(body: ClassificationRequest, result: ClassifyResult, res
 
 def score_body(body: ScoreTextsRequest, result: ScoreResult, response_id: str) -> dict[str, Any]:
     """vLLM's /score response for `body` from the engine's `result`."""
+    charge(result.prompt_tokens)  # to the request's API key, if any
     data = [ScoreData(index=i, score=score) for i, score in enumerate(result.scores)]
     response = ScoreResponse(
         id=response_id, created=int(time.time()), model=body.model, data=data, usage=_usage(result.prompt_tokens)
@@ -341,6 +344,7 @@ def score_body(body: ScoreTextsRequest, result: ScoreResult, response_id: str) -
 
 def rerank_body(body: RerankRequest, result: ScoreResult, response_id: str) -> dict[str, Any]:
     """vLLM's /rerank response: documents sorted by score (stable for ties), the best `top_n` when it is set."""
+    charge(result.prompt_tokens)  # to the request's API key, if any
     documents = [body.documents] if isinstance(body.documents, str) else body.documents
     results = [
         RerankResult(index=i, document=RerankDocument(text=text), relevance_score=score)

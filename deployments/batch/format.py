@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,7 +103,8 @@ def parse_line(raw: bytes, line: int, spec: ModelSpec, *, endpoint: str | None =
     url = data.get("url")
     served = [u for u, (task, _) in URLS.items() if task == spec.task and endpoint in (None, u)]
     if url not in served:
-        what = "is not a batch endpoint" if url not in URLS else f"is not served by model '{spec.id}' ({spec.task})"
+        model = spec.versioned_id
+        what = "is not a batch endpoint" if url not in URLS else f"is not served by model '{model}' ({spec.task})"
         if endpoint is not None and url in URLS and URLS[url][0] == spec.task:
             what = f"is not this batch's endpoint {endpoint!r}"
         raise LineError(
@@ -114,19 +116,24 @@ def parse_line(raw: bytes, line: int, spec: ModelSpec, *, endpoint: str | None =
     return BatchRequest(line=line, custom_id=custom_id, url=url, body=body)
 
 
-def validate_body(request: BatchRequest, spec: ModelSpec) -> WireRequest:
+def validate_body(request: BatchRequest, spec: ModelSpec, names: Iterable[str] = ()) -> WireRequest:
     """The body as the HTTP API's wire model, validated exactly as the HTTP endpoint validates it.
 
     A body without `model` runs on the batch's model; one that names another model is refused.
+
+    Args:
+        names: more names of the batch's model than its `id@version` (the bare id of the default version).
 
     Raises:
         pydantic.ValidationError: the body fails the wire model (the HTTP API answers 400).
         InvalidRequestError: another model, or `stream: true` (a batch line gets one whole response).
     """
     body = dict(request.body)
-    model = body.setdefault("model", spec.id)
-    if model != spec.id:
-        raise InvalidRequestError(f"body.model is {model!r}, but this batch runs model '{spec.id}'", param="model")
+    model = body.setdefault("model", spec.versioned_id)
+    if model != spec.versioned_id and model not in names:
+        raise InvalidRequestError(
+            f"body.model is {model!r}, but this batch runs model '{spec.versioned_id}'", param="model"
+        )
     wire = URLS[request.url][1].model_validate(body)
     if getattr(wire, "stream", False):
         raise InvalidRequestError(

@@ -129,7 +129,7 @@ def _answer(
         .flat_map(read_range)
         .map_batches(
             BatchRunner,
-            fn_constructor_args=(spec.model.model_dump_json(), spec.endpoint),
+            fn_constructor_args=(spec.model.model_dump_json(), spec.endpoint, spec.names),
             batch_size=spec.batch_size,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=spec.concurrency),

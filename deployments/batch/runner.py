@@ -82,10 +82,11 @@ class BatchRunner:
     The lines of a batch run concurrently, so an engine that batches (vLLM) gets them all at once.
     """
 
-    def __init__(self, plan_json: str, endpoint: str | None = None) -> None:
+    def __init__(self, plan_json: str, endpoint: str | None = None, names: tuple[str, ...] = ()) -> None:
         """Args:
             plan_json: the model's `ModelPlan` as JSON (what a replica of the model starts with).
             endpoint: the one url every line must name (see `parse_line`); None: any url the model serves.
+            names: more names the lines may give the model than its `id@version` (see `validate_body`).
 
         Raises:
             EngineStartError: the engine cannot start; the job fails (no line could be answered).
@@ -93,6 +94,7 @@ class BatchRunner:
         plan = ModelPlan.model_validate_json(plan_json)
         self.spec = plan.spec
         self.endpoint = endpoint
+        self.names = tuple(names)
         self._closed = False
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="batch-engine-loop", daemon=True)
@@ -132,7 +134,7 @@ class BatchRunner:
         return success_line(request, request_id, body)
 
     async def _respond(self, request: BatchRequest, request_id: str) -> dict[str, Any]:
-        wire = validate_body(request, self.spec)
+        wire = validate_body(request, self.spec, self.names)
         # The engine requests are built as OpenAIIngress builds them (its routes do it inline, so mirrored here).
         if isinstance(wire, EmbeddingRequest):
             result = await self.replica.embed(EmbedRequest(request_id=request_id, inputs=wire.texts))

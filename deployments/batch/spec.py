@@ -35,6 +35,11 @@ class BatchJobSpec(FrozenModel):
         None,
         description="The one url every line must name (OpenAI's batch `endpoint`); None: any url the model serves.",
     )
+    names: tuple[str, ...] = Field(
+        (),
+        description="More names a line's `body.model` may give the model besides its `id@version` (the bare id "
+        "of the default version, when the batch was asked for by it).",
+    )
     batch_size: int = Field(
         16, ge=1, le=4096, description="Input lines per batch handed to an engine; they run concurrently."
     )

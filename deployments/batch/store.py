@@ -1,8 +1,10 @@
 """The files folder of OpenAI's Files and Batches API: uploaded files and batch results, and the batches' records.
 
 Layout under the folder: `files/<file id>` (the content) beside `files/<file id>.json` (its FileRecord), and
-`batches/<batch id>.json`. Every write goes to a temporary name first and is renamed, so a reader (another router
-replica, the batch job) never sees half a record. Ids are checked against their pattern before they become paths.
+`batches/<batch id>.json`. Each file and batch records the *name* of the API key that made it (`owner`, never the
+key; None when keys are off), which the API uses to show a key only its own. Every write goes to a temporary name
+first and is renamed, so a reader (another router replica, the batch job) never sees half a record. Ids are checked
+against their pattern before they become paths.
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ class FileRecord(FrozenModel):
     created_at: int = Field(description="Unix time the file was stored.")
     filename: str = Field(description="The name it was uploaded with, or the name of a batch result.")
     purpose: str = Field(description="`batch` (uploaded input), `batch_output` (a batch's output or error file).")
+    owner: str | None = Field(
+        None, description="Name of the API key that uploaded it (or ran its batch); None: stored with keys off."
+    )
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -82,7 +87,9 @@ class FileStore:
             raise ValueError(f"not a file id: {file_id!r}")
         return self._files / file_id
 
-    def add(self, source: BinaryIO, *, filename: str, purpose: str, max_bytes: int) -> FileRecord:
+    def add(
+        self, source: BinaryIO, *, filename: str, purpose: str, max_bytes: int, owner: str | None = None
+    ) -> FileRecord:
         """Copy `source` into the store as a new file.
 
         Raises:
@@ -103,22 +110,25 @@ class FileStore:
             os.replace(partial, path)
         finally:
             partial.unlink(missing_ok=True)
-        return self._record(file_id, filename=filename, purpose=purpose)
+        return self._record(file_id, filename=filename, purpose=purpose, owner=owner)
 
-    def register(self, file_id: str, *, filename: str, purpose: str, source: Path | None = None) -> FileRecord:
+    def register(
+        self, file_id: str, *, filename: str, purpose: str, source: Path | None = None, owner: str | None = None
+    ) -> FileRecord:
         """Record the content already at `content_path(file_id)` (moved there from `source` first, if given)."""
         self._ready()
         if source is not None:
             os.replace(source, self.content_path(file_id))
-        return self._record(file_id, filename=filename, purpose=purpose)
+        return self._record(file_id, filename=filename, purpose=purpose, owner=owner)
 
-    def _record(self, file_id: str, *, filename: str, purpose: str) -> FileRecord:
+    def _record(self, file_id: str, *, filename: str, purpose: str, owner: str | None) -> FileRecord:
         record = FileRecord(
             id=file_id,
             bytes=self.content_path(file_id).stat().st_size,
             created_at=int(time.time()),
             filename=filename,
             purpose=purpose,
+            owner=owner,
         )
         _write_json(self._files / f"{file_id}.json", record.model_dump())
         return record

@@ -97,7 +97,7 @@ def submit_job(
     Raises:
         JobAPIError: the job API refused the job, or its agent never answered.
     """
-    meta = {"kind": JOB_KIND, "model": spec.model.spec.id, "input": spec.input, "output": spec.output}
+    meta = {"kind": JOB_KIND, "model": spec.model.spec.versioned_id, "input": spec.input, "output": spec.output}
     deadline = time.monotonic() + timeout_s
     while True:
         try:

@@ -16,6 +16,7 @@ import pytest
 from deployments import metrics, timing
 from deployments.api import ingress
 from deployments.api import limits as limits_mod
+from deployments.auth import KeyRing
 from deployments.engines.protocol import EmbedResult, GenerateChunk, ReplicaTimes
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -174,7 +175,7 @@ async def _app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 
 def test_middleware_counts_every_request_with_its_status(recorded: list[Any], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(limits_mod.limits, "api_keys", (b"secret",))
+    monkeypatch.setattr(limits_mod.limits, "keys", KeyRing.from_plain([b"secret"]))
     middleware = limits_mod.LimitsMiddleware(_app)
 
     async def served(scope: dict[str, Any], receive: Any, send: Any) -> None:
