@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -13,8 +14,8 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+from cluster import admin_cli, local
 from cluster import deploy as deploying
-from cluster import local
 from deployments.config import ConfigError, ServingConfig, load_config
 from models.spec import ModelSpec, served_names
 
@@ -325,69 +326,6 @@ def _gpu_node_value(text: str) -> tuple[str, tuple[str, ...]]:
     return kind, tuple(v for v in values.split(",") if v)
 
 
-def _cmd_dashboards_export(args: argparse.Namespace) -> int:
-    from cluster.k8s import DEFAULT_OUT, PROJECT_ROOT
-    from cluster.k8s.tree import DASHBOARDS_DIR
-    from cluster.observability import export
-
-    for path in export(Path(args.out) if args.out else PROJECT_ROOT / DEFAULT_OUT / DASHBOARDS_DIR):
-        _say(f"wrote {path}")
-    return 0
-
-
-def _cmd_dashboards_push(args: argparse.Namespace) -> int:
-    from cluster.observability.grafana import FOLDER_UID, GrafanaError, push
-
-    try:
-        pushed = push(args.url, args.token, folder_uid=args.folder or FOLDER_UID)
-    except GrafanaError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    for board in pushed:
-        _say(f"{board.title}: {args.url.rstrip('/')}{board.url} (version {board.version})")
-    return 0
-
-
-def _dashboards_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("dashboards", help="the Grafana dashboards: write their JSON, or upload them to a Grafana")
-    boards = p.add_subparsers(dest="dashboards_command", required=True)
-    p = boards.add_parser("export", help="write every dashboard as <uid>.json")
-    p.add_argument("--out", help="folder to write into (default: the repository's k8s/dashboards/)")
-    p.set_defaults(func=_cmd_dashboards_export)
-    p = boards.add_parser("push", help="create or overwrite the dashboards in a Grafana, in one folder")
-    p.add_argument("--url", required=True, help="Grafana's base URL, e.g. http://localhost:3000")
-    p.add_argument("--token", help="a service-account token with the Editor role (or user:password in --url)")
-    p.add_argument("--folder", help="uid of the folder, created when missing (default: modelfleet)")
-    p.set_defaults(func=_cmd_dashboards_push)
-
-
-def _cmd_keys_create(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
-    from deployments.auth import generate_key, key_entry_yaml
-
-    key = generate_key()
-    try:
-        entry = key_entry_yaml(args.name, key)
-    except ValidationError as exc:
-        print(f"error: {exc.errors()[0]['msg'].removeprefix('Value error, ')}", file=sys.stderr)
-        return 2
-    _say(f"API key '{args.name}' (shown only this once; the config keeps its SHA-256, not the key):\n\n  {key}\n")
-    _say("Add this entry under `router.keys` (optionally with `models`, `rpm`, `tpm`, `tokens_per_day`):\n")
-    _say(entry)
-    return 0
-
-
-def _keys_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from deployments.auth import ApiKeyConfig
-
-    p = sub.add_parser("keys", help="API keys for router.keys")
-    keys = p.add_subparsers(dest="keys_command", required=True)
-    p = keys.add_parser("create", help="print a new random API key once, and its router.keys entry (by SHA-256)")
-    p.add_argument("name", help=ApiKeyConfig.model_fields["name"].description)
-    p.set_defaults(func=_cmd_keys_create)
-
-
 def _cmd_schema(args: argparse.Namespace) -> int:
     _say(json.dumps(ServingConfig.model_json_schema(), indent=2))
     return 0
@@ -484,8 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_schema)
     # `batch` keeps its own parser too (cluster.jobs.cli).
     sub.add_parser("batch", help="batch inference over an OpenAI batch file as a Ray job (see `modelfleet batch -h`)")
-    _dashboards_parser(sub)
-    _keys_parser(sub)
+    admin_cli.add_dashboards_parser(sub)
+    admin_cli.add_keys_parser(sub)
     # `bench`: its flags are generated from its options model (cluster.bench.options); `main` hands everything
     # after the word to cluster.bench, which parses them with the same generated parser.
     from cluster.bench.options import add_arguments as add_bench_arguments
@@ -520,6 +458,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # the reader went away (`modelfleet ... | head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     return code
 
 
