@@ -16,6 +16,7 @@ from pathlib import Path
 
 from cluster.auth_token import ray_auth_env
 from deployments import cpus
+from deployments.api.proxy_middleware import PROXY_ENV
 from deployments.plan import RAY_ENV
 from models.settings import get_settings
 
@@ -131,7 +132,8 @@ def up(
         engine_cpus: cores kept for engine compute ('auto', 'off' or a CPU list; see `deployments.cpus`):
             recorded in the state, from which `deploy` compiles the plan that hands them to the engines;
             `settle_cpus` moves the rest of the cluster onto the other cores once an app answers. Ray's
-            processes get the plan's `RAY_ENV` and the cluster's auth token (`cluster.auth_token`).
+            processes get the plan's `RAY_ENV`, the proxy's middleware (`PROXY_ENV`) and the cluster's auth token
+            (`cluster.auth_token`).
         metrics_port: the port on 127.0.0.1 where Ray exports the node's metrics (Ray's, Serve's and the app's,
             in Prometheus format) for a Prometheus to scrape; default: a free port. Recorded in the state.
         timeout_s: how long to wait for the head to come up.
@@ -180,6 +182,7 @@ def up(
         raise ClusterError(f"--engine-cpus: {exc}") from None
     env = {key: value for key, value in os.environ.items() if key != "RAY_AUTH_TOKEN"}
     env.update(RAY_ENV)
+    env.update(PROXY_ENV)  # Serve's proxy answers undecodable headers with a 400 (deployments.api.proxy_middleware)
     env.update(ray_auth_env(settings.home))  # token auth stays on, with the cluster's own token
     if split is not None:
         logger.info("local cluster: %s", split.describe())

@@ -21,8 +21,9 @@ from cluster.k8s.constants import APP_LABELS, METRICS_PORT, METRICS_PORT_NAME, S
 from cluster.k8s.errors import RenderError
 from cluster.k8s.groups import ACCELERATOR_PREFIX, WorkerGroup, plan_worker_groups
 from cluster.k8s.manifest import dump
-from cluster.k8s.profile import PROFILES, Profile, RenderOptions, default_image
+from cluster.k8s.profile import IMAGE_WORKDIR, PROFILES, Profile, RenderOptions, default_image
 from cluster.k8s.serve_config import serve_config
+from deployments.api.proxy_middleware import PROXY_ENV
 from deployments.plan import DeploymentPlan
 
 __all__ = ["READY_PATH", "rayservice"]
@@ -35,7 +36,9 @@ _MAX_NAME = 47
 _DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _WEIGHTS_VOLUME = "model-weights"
 # A pod never reaches a model hub: weights come from the claim or from packages in the image.
-_POD_ENV = {"HF_HUB_OFFLINE": "1"}
+# Serve's proxy imports its middleware (deployments.api.proxy_middleware) from the repository in the image, outside
+# any runtime_env: the repository is on every Ray process's path.
+_POD_ENV = {"HF_HUB_OFFLINE": "1", **PROXY_ENV, "PYTHONPATH": IMAGE_WORKDIR}
 
 
 def rayservice(plan: DeploymentPlan, options: RenderOptions) -> dict[str, Any]:

@@ -13,7 +13,9 @@ from deployments.api.sse import DONE, event
 from deployments.api.tools import tool_call_json
 from deployments.auth.limits import charge
 from deployments.engines.protocol import GenerateChunk, GenerateRequest, TokenLogprob
+from deployments.errors import InvalidRequestError
 from deployments.router import Router
+from models.scaling import ScalingConfig
 
 __all__ = ["Completion", "SYSTEM_FINGERPRINT"]
 
@@ -35,6 +37,39 @@ def _choices_of(request: GenerateRequest, n: int) -> list[GenerateRequest]:
             sampling = sampling.model_copy(update={"seed": seed})
         out.append(request.model_copy(update={"request_id": f"{request.request_id}-{i}", "sampling": sampling}))
     return out
+
+
+def _generations_at_once(scaling: ScalingConfig) -> int | None:
+    """Most generations of one model that a request may start at once: the bound of the router's queue for the
+    model (`max_queued_requests`, past which Serve refuses with a 429: see the plan). A request's choices all start
+    at once and Serve counts each as queued until a replica takes it, so every choice past that bound is refused
+    whatever the replicas hold (measured: 320 choices against a queue of 256 and one idle replica of 64 get a
+    429). None when the queue has no bound (-1)."""
+    if scaling.max_queued_requests < 0:
+        return None
+    return scaling.max_queued_requests
+
+
+def _check_fits(router: Router, body: ChatCompletionRequest | CompletionRequest, prompts: int) -> None:
+    """Refuse a request whose choices (`prompts` x `n`) could never all be queued, with a 400 naming the limit,
+    where a 429 would tell the client to retry what can never succeed.
+
+    Raises:
+        InvalidRequestError: the request asks more generations than the model takes at once.
+    """
+    if not isinstance(router, Router):  # a pipeline's calls: each node's model has its own bound
+        return
+    most = _generations_at_once(router.spec_for(body.model, "generate").scaling)
+    wanted = prompts * body.n
+    if most is None or wanted <= most:
+        return
+    asked = f"{prompts} prompts x n={body.n}" if prompts > 1 else f"n={body.n}"
+    param = "n" if body.n > 1 and prompts <= most else "prompt"
+    raise InvalidRequestError(
+        f"This request asks {wanted} generations at once ({asked}); the model '{body.model}' takes at most {most} "
+        "(its scaling.max_queued_requests): lower `n` or send fewer prompts per request",
+        param=param,
+    )
 
 
 def _chat_logprobs(tokens: tuple[TokenLogprob, ...] | None) -> dict[str, Any] | None:
@@ -85,7 +120,11 @@ class Completion:
             prompt.
         chat: a chat completion (else a text completion).
         echo: completions with `echo`: each prompt's text, put before its choices' output.
+
+        Raises:
+            InvalidRequestError: more choices than the model's replicas and queue can ever hold at once.
         """
+        _check_fits(router, body, len(requests))
         self.router = router
         self.body = body
         self.chat = chat

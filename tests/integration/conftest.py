@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from cluster.local import free_port
+from deployments.api.proxy_middleware import PROXY_ENV
 from deployments.config import ServingConfig
 
 READY_TIMEOUT_S = 300.0
@@ -81,6 +82,8 @@ def ray_cluster() -> Iterator[int]:
 
     # In the session's own folder (tests/conftest.py), short: Ray's unix sockets live under it (107-byte limit).
     temp_dir = tempfile.mkdtemp(prefix="r", dir=os.environ["RAY_TMPDIR"])
+    # Ray's processes inherit this environment: Serve's proxy gets our middleware, as `modelfleet up` gives it.
+    os.environ.update(PROXY_ENV)
     common = {"node_ip_address": "127.0.0.1", "temp_dir": temp_dir}
     cluster = Cluster(
         initialize_head=True,

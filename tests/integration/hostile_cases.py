@@ -9,10 +9,12 @@ status it allows.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from models.scaling import ScalingConfig
 
 __all__ = ["MAX_BODY_BYTES", "Case", "cases", "hostile_config"]
 
@@ -23,6 +25,9 @@ TOO_LARGE = frozenset({413})
 BIG = 2**70  # beyond every 64-bit field
 DIGITS = "9" * 5000  # beyond Python's int-from-text limit (4300 digits): json.loads itself refuses it
 JSON = {"content-type": "application/json"}
+# Generations of one model a request may start at once (deployments.api.completions), at the default scaling of
+# the echo models below: the bound of the router's queue.
+AT_ONCE: int = ScalingConfig.model_fields["max_queued_requests"].default
 
 
 @dataclass(frozen=True)
@@ -34,8 +39,9 @@ class Case:
     path: str
     body: bytes | None = None
     expect: frozenset[int] = BAD_REQUEST
-    headers: dict[str, str] = field(default_factory=lambda: dict(JSON))
+    headers: Mapping[str, str | bytes] = field(default_factory=lambda: dict(JSON))
     chunked: bool = False  # sent without Content-Length, in pieces
+    param: str | None = None  # the error's `param`, where the case names it
 
     @property
     def id(self) -> str:
@@ -298,12 +304,23 @@ def _specific_cases() -> Iterator[Case]:
         b"\x1f\x8b garbage",
         headers={**JSON, "content-encoding": "gzip"},
     )
-    # 64 prompts x 16 choices: 1024 generations in one request, answered whole or refused as a full queue.
+    # 64 prompts x 16 choices: 1024 generations in one request, more than echo's queue ever holds at once
+    # (max_queued_requests: 256 by default): a 400 naming the limit, not a 429 that a retry can never get past.
+    assert 64 * 16 > AT_ONCE, AT_ONCE
     many = _dump({**comp, "prompt": ["a b c"] * 64, "n": 16, "max_tokens": 3})
-    yield Case("64 prompts x n 16", "POST", p, many, frozenset({200, 429}))
-    yield Case(
-        "64 prompts x n 16, streamed", "POST", p, _dump({**json.loads(many), "stream": True}), frozenset({200, 429})
-    )
+    yield Case(f"64 prompts x n 16 (over the {AT_ONCE} at once)", "POST", p, many, param="n")
+    yield Case("64 prompts x n 16, streamed", "POST", p, _dump({**json.loads(many), "stream": True}), param="n")
+    over = _dump({**comp, "prompt": ["a"] * (AT_ONCE + 1), "max_tokens": 1})
+    yield Case(f"{AT_ONCE + 1} prompts", "POST", p, over, param="prompt")
+    # At the limit: answered whole, or refused as a momentarily full queue (a retry can succeed).
+    at_limit = _dump({**comp, "prompt": ["a b c"] * (AT_ONCE // 16), "n": 16, "max_tokens": 3})
+    yield Case(f"{AT_ONCE // 16} prompts x n 16 (at most {AT_ONCE})", "POST", p, at_limit, frozenset({200, 429}))
+    # Headers Serve's proxy decodes as UTF-8 (request id, session id, multiplexed model id) before our code runs.
+    for header in ("x-request-id", "X-Session-Id", "serve_multiplexed_model_id"):
+        bad: dict[str, str | bytes] = {**JSON, header: b"\xff\xfe\xc3"}
+        yield Case(f"{header} of invalid UTF-8", "POST", c, _dump(chat), headers=bad, param=header.lower())
+    valid: dict[str, str | bytes] = {**JSON, "x-request-id": "r-\u00e9".encode()}
+    yield Case("x-request-id of UTF-8 (valid)", "POST", c, _dump(chat), OK, headers=valid)
     # Models: ids in the path.
     yield Case("model id of 20k characters", "GET", "/v1/models/" + "m" * 20_000, None, frozenset({404, 414}))
     yield Case("model id of invalid UTF-8", "GET", "/v1/models/%ff%fe%c3", None, frozenset({404}))

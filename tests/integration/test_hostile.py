@@ -78,6 +78,8 @@ def _problem(case: Case, status: int, text: str) -> str | None:
             return f"status {status} without an OpenAI error body: {text[:300]}"
         if set(error) != {"message", "type", "param", "code"} or not error["message"]:
             return f"status {status} with a malformed error body: {text[:300]}"
+        if case.param is not None and error["param"] != case.param:
+            return f"status {status} names param {error['param']!r} (want {case.param!r}): {text[:300]}"
     return None
 
 
@@ -86,7 +88,9 @@ def _send(client: httpx.Client, case: Case) -> httpx.Response:
     if case.chunked and case.body is not None:
         body = case.body
         content = (body[i : i + 8192] for i in range(0, len(body), 8192))  # no Content-Length: chunked encoding
-    return client.request(case.method, case.path, content=content, headers=case.headers)
+    # As bytes: some cases send header values that are not UTF-8.
+    headers = {k.encode(): v if isinstance(v, bytes) else v.encode() for k, v in case.headers.items()}
+    return client.request(case.method, case.path, content=content, headers=headers)
 
 
 def test_every_hostile_case_gets_its_4xx_or_a_clean_200(http: httpx.Client) -> None:
