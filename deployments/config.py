@@ -11,7 +11,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from deployments.auth.keys import ApiKeyConfig
 from deployments.pipelines.spec import PipelineSpec, plan_pipelines
 from models.settings import get_settings
-from models.spec import FrozenModel, ModelSpec, check_versions, served_names
+from models.spec import FrozenModel, ModelSpec, adapter_names, check_versions, served_names
 
 __all__ = [
     "BatchesConfig",
@@ -176,8 +176,27 @@ class ServingConfig(FrozenModel):
         return self
 
     @model_validator(mode="after")
+    def _adapters_unique(self) -> ServingConfig:
+        names = [a.name for m in self.models for a in m.adapters]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"adapter name(s) {', '.join(twice)} appear twice: every adapter needs its own `name`")
+        taken = {*served_names(self.models), *(m.id for m in self.models), *(p.id for p in self.pipelines)}
+        clash = sorted(set(names) & taken)
+        if clash:
+            raise ValueError(
+                f"adapter name(s) {', '.join(clash)} are also model or pipeline ids: give each adapter its own `name`"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _key_models(self) -> ServingConfig:
-        known = {*served_names(self.models), *(m.id for m in self.models), *(p.id for p in self.pipelines)}
+        known = {
+            *served_names(self.models),
+            *(m.id for m in self.models),
+            *(p.id for p in self.pipelines),
+            *adapter_names(self.models),
+        }
         for key in self.router.keys:
             unknown = [m for m in key.models or () if m not in known]
             if unknown:

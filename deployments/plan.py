@@ -57,6 +57,10 @@ _VLLM_FROM_SPEC = {
     "max_model_len": "context_length",
     "tensor_parallel_size": "parallelism.tensor_parallel_size",
     "pipeline_parallel_size": "parallelism.pipeline_parallel_size",
+    "enable_lora": "adapters",
+    "max_loras": "max_loaded_adapters",
+    "max_cpu_loras": "max_loaded_adapters",
+    "max_lora_rank": "max_lora_rank",
 }
 _KV_SIZE_KWARGS = ("kv_cache_memory_bytes", "gpu_memory_utilization", "cpu_kvcache_space_gb")
 _DEFAULT_CPU_KV_CACHE_GIB = 1.0
@@ -393,6 +397,13 @@ def _vllm_plan(spec: ModelSpec, engine_cpus: str | None) -> EnginePlan:
     }
     if spec.context_length is not None:
         kwargs["max_model_len"] = spec.context_length
+    if spec.adapters:
+        # vLLM loads an adapter on its first request and keeps an LRU of them: `max_loras` in a batch, and the
+        # same number in memory (`max_cpu_loras`), so a further adapter evicts the least recently used.
+        kwargs["enable_lora"] = True
+        kwargs["max_loras"] = spec.max_loaded_adapters
+        kwargs["max_cpu_loras"] = spec.max_loaded_adapters
+        kwargs["max_lora_rank"] = spec.max_lora_rank
     if spec.parallelism.world_size > 1 and not on_cpu:
         # Workers become Ray actors in the replica's placement group, as in Ray Serve LLM.
         kwargs["distributed_executor_backend"] = "ray"

@@ -39,7 +39,7 @@ from deployments.errors import (
     RequestTimeoutError,
     ServingError,
 )
-from models.spec import ModelSpec, served_names
+from models.spec import ModelSpec, adapter_names, served_names
 
 __all__ = ["Router"]
 
@@ -100,6 +100,8 @@ class Router:
         # version. Public methods take any served name and resolve it once, in spec_for/spec.
         self._specs = {spec.versioned_id: spec for spec in config.models}
         self._names = served_names(config.models)
+        # LoRA adapters: each name -> its base model's spec; a request naming one runs on the base's deployment.
+        self._adapters = adapter_names(config.models)
         missing = set(self._specs) - set(handles)
         if missing:
             raise ValueError(f"no deployment handle for models {sorted(missing)}")
@@ -129,9 +131,7 @@ class Router:
             ModelNotFoundError: no model has this id.
             InvalidRequestError: the model serves another task.
         """
-        spec = self._names.get(model_id)
-        if spec is None:
-            raise ModelNotFoundError(f"The model '{model_id}' does not exist. Served models: {', '.join(self._names)}")
+        spec = self._resolve(model_id)
         timing.label_model(spec.versioned_id)
         if spec.task != task:
             raise InvalidRequestError(
@@ -145,6 +145,7 @@ class Router:
         Raises:
             ServingError: any failure, already mapped (see deployments.errors).
         """
+        request = self._with_adapter(model_id, request)
         model_id = self.spec_for(model_id, "generate").versioned_id
         watch = timing.dispatch(model_id)
         result: GenerateChunk = await self._unary_call(model_id, "complete", request, request.request_id)
@@ -194,6 +195,7 @@ class Router:
         Raises:
             ServingError: any failure, already mapped; raised from the iteration.
         """
+        request = self._with_adapter(model_id, request)
         model_id = self.spec_for(model_id, "generate").versioned_id
         watch = timing.dispatch(model_id)
         deadline = time.monotonic() + self._timeout_s
@@ -231,10 +233,25 @@ class Router:
         Raises:
             ModelNotFoundError: no model has this id.
         """
-        spec = self._names.get(model_id)
+        return self._resolve(model_id)
+
+    def _resolve(self, model_id: str) -> ModelSpec:
+        """The spec `model_id` names: a served name, or a LoRA adapter's name (its base model's spec)."""
+        spec = self._names.get(model_id) or self._adapters.get(model_id)
         if spec is None:
-            raise ModelNotFoundError(f"The model '{model_id}' does not exist. Served models: {', '.join(self._names)}")
+            served = ", ".join([*self._names, *self._adapters])
+            raise ModelNotFoundError(f"The model '{model_id}' does not exist. Served models: {served}")
         return spec
+
+    def adapter_of(self, model_id: str) -> ModelSpec | None:
+        """The base model's spec when `model_id` names a LoRA adapter, else None."""
+        return self._adapters.get(model_id)
+
+    def _with_adapter(self, model_id: str, request: GenerateRequest) -> GenerateRequest:
+        """`request` set to run with the adapter `model_id` names, if it names one."""
+        if model_id in self._adapters and model_id not in self._names:
+            return request.model_copy(update={"adapter": model_id})
+        return request
 
     async def tokenize(self, model_id: str, request: TokenizeRequest) -> TokenizeResult:
         """Token ids of a text or chat messages on the model's tokenizer.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -12,6 +13,7 @@ from models.frozen import FrozenModel
 from models.scaling import ScalingConfig
 
 __all__ = [
+    "AdapterSpec",
     "BatchingConfig",
     "FrozenModel",
     "HealthConfig",
@@ -20,6 +22,7 @@ __all__ = [
     "ResourcesConfig",
     "RoutingConfig",
     "ScalingConfig",
+    "adapter_names",
     "check_versions",
     "served_names",
 ]
@@ -30,6 +33,30 @@ _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 VERSION_SEPARATOR = "@"
 _PARSER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _HEADER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,63}$")
+
+
+class AdapterSpec(FrozenModel):
+    """A LoRA adapter of the model (vllm engine): requests name it in `model` like a model of its own."""
+
+    name: str = Field(description="The name clients send in `model` to use this adapter, e.g. 'sql-lora'.")
+    path: Path = Field(description="Absolute path of the adapter's folder (peft's adapter_config.json and weights).")
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, value: str) -> str:
+        if not _MODEL_ID.match(value):
+            raise ValueError(
+                "adapter `name` must be 1-128 characters of letters, digits and . _ : / -, starting with a letter or "
+                "digit"
+            )
+        return value
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, path: Path) -> Path:
+        if not path.is_absolute():
+            raise ValueError(f"must be an absolute path, not '{path}': replicas run in Ray's own working folders")
+        return path
 
 
 class ResourcesConfig(FrozenModel):
@@ -260,6 +287,24 @@ class ModelSpec(FrozenModel):
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Engine-specific options, passed through and checked by the engine."
     )
+    adapters: tuple[AdapterSpec, ...] = Field(
+        (),
+        description=(
+            "vllm only: LoRA adapters of this model, each called by its `name` in `model` (listed in /v1/models with "
+            "`root` = this model). A replica loads an adapter on its first request and keeps the "
+            "`max_loaded_adapters` most recently used."
+        ),
+    )
+    max_loaded_adapters: int = Field(
+        1,
+        ge=1,
+        le=256,
+        description="Adapters one replica holds at once (vLLM's max_loras); the least recently used "
+        "is unloaded for a new one.",
+    )
+    max_lora_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] = Field(
+        16, description="Largest LoRA rank among the adapters (vLLM's max_lora_rank); vLLM refuses larger ones."
+    )
     tool_call_parser: str | None = Field(
         None,
         description=(
@@ -308,6 +353,18 @@ class ModelSpec(FrozenModel):
                 f"`tool_call_parser` needs engine 'vllm' (vLLM's parsers read the output); the {self.engine} engine "
                 "has none: remove it"
             )
+        if self.adapters and self.engine != "vllm":
+            raise ValueError(
+                f"`adapters` (LoRA) need engine 'vllm'; the {self.engine} engine has no adapter support: remove them"
+            )
+        adapter_names = [a.name for a in self.adapters]
+        twice = sorted({n for n in adapter_names if adapter_names.count(n) > 1})
+        if twice:
+            raise ValueError(f"adapter name(s) {', '.join(twice)} appear twice: every adapter needs its own `name`")
+        fields = type(self).model_fields
+        for name in ("max_loaded_adapters", "max_lora_rank"):
+            if not self.adapters and getattr(self, name) != fields[name].default:
+                raise ValueError(f"`{name}` applies to a model with `adapters`: list the adapters or remove it")
         if self.tool_call_parser is not None and not _PARSER_NAME.match(self.tool_call_parser):
             raise ValueError("`tool_call_parser` must be a vLLM parser name such as 'hermes' or 'llama3_json'")
         if self.engine == "vllm" and self.task != "generate":
@@ -399,3 +456,8 @@ def served_names(models: Iterable[ModelSpec]) -> dict[str, ModelSpec]:
         if spec.version is not None and (spec.default or count[spec.id] == 1):
             names[spec.id] = spec
     return names
+
+
+def adapter_names(models: Iterable[ModelSpec]) -> dict[str, ModelSpec]:
+    """Every LoRA adapter's name -> the spec of its base model. Config order."""
+    return {adapter.name: spec for spec in models for adapter in spec.adapters}

@@ -61,7 +61,7 @@ from deployments.pipelines.executor import Pipelines
 from deployments.pipelines.spec import PipelinePlan, plan_pipelines
 from deployments.plan import ModelPlan, plan_model
 from deployments.router import Router
-from models.spec import ModelSpec, served_names
+from models.spec import ModelSpec, adapter_names, served_names
 
 __all__ = ["REPLICA_HEADER", "OpenAIIngress", "app"]
 
@@ -208,15 +208,20 @@ class OpenAIIngress:
 
     async def _card(self, spec: ModelSpec, name: str) -> ModelCard:
         """The card of `spec` under `name`: its `id@version`, or the bare id (an unversioned model, or the default
-        version, whose card is the same under both names)."""
+        version, whose card is the same under both names). A LoRA adapter's card (`name` is the adapter's) has its
+        base model's facts, with `root` and `parent` the base model's name, as in vLLM."""
         info = await self.router.describe(spec.versioned_id)
         root = str(spec.source) if spec.source else spec.id
+        parent = None
+        if self.router.adapter_of(name) is not None:
+            root = parent = spec.versioned_id
         replicas = await self.router.replicas(spec.versioned_id)
         return ModelCard(
             id=name,
             task=spec.task,
             engine=spec.engine,
             root=root,
+            parent=parent,
             max_model_len=info.get("max_model_len"),
             status=await self.router.state(spec.versioned_id),
             replicas=replicas.running if replicas is not None else None,
@@ -226,7 +231,7 @@ class OpenAIIngress:
     async def list_models(self) -> ModelList:
         """The served models: each version as `id@version`, and the bare id of each default version (and of each
         unversioned model)."""
-        names = served_names(self.router.specs)
+        names = {**served_names(self.router.specs), **adapter_names(self.router.specs)}
         cards = list(await asyncio.gather(*(self._card(spec, name) for name, spec in names.items())))
         cards += [pipeline_api.model_card(p) for p in self.pipelines.plans.values()]
         return ModelList(data=[card for card in cards if auth.may_use(card.id)])  # a key sees its own models
@@ -235,7 +240,7 @@ class OpenAIIngress:
     async def get_model(self, model_id: str) -> ModelCard:
         """One served model."""
         auth.check_model(model_id)
-        spec = served_names(self.router.specs).get(model_id)
+        spec = served_names(self.router.specs).get(model_id) or self.router.adapter_of(model_id)
         if spec is None and self.pipelines.serves(model_id):
             return pipeline_api.model_card(self.pipelines.plans[model_id])
         if spec is None:

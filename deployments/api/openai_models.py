@@ -335,7 +335,7 @@ class ModelCard(_Response):
     task: str
     engine: str
     root: str | None = Field(None, description="Where the weights come from (the model's source).")
-    parent: str | None = Field(None, description="The base model of an adapter; none here.")
+    parent: str | None = Field(None, description="A LoRA adapter's base model; unset for a model.")
     max_model_len: int | None = Field(None, description="Most tokens (prompt + output) per request.")
     status: Literal["ready", "cold", "starting"] | None = Field(
         None,

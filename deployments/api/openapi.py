@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 from fastapi import FastAPI
 
-from models.spec import ModelSpec, served_names
+from models.spec import ModelSpec, adapter_names, served_names
 
 __all__ = ["MODEL_FIELDS", "ServedAPI", "narrow_openapi"]
 
@@ -58,7 +58,8 @@ def _integer_variant(prop: dict[str, Any]) -> dict[str, Any] | None:
 def narrow_openapi(document: dict[str, Any], specs: Iterable[ModelSpec]) -> dict[str, Any]:
     """`document` (changed in place) with the served models' names and output limits filled in."""
     specs = list(specs)
-    names = served_names(specs)  # `id@version`, and the bare id of each default version
+    # `id@version`, the bare id of each default version, and each LoRA adapter's name (its base model's spec)
+    names = {**served_names(specs), **adapter_names(specs)}
     schemas: dict[str, Any] = document.get("components", {}).get("schemas", {})
     for name, picks in MODEL_FIELDS.items():
         served = [s for s in specs if picks(s)]

@@ -261,6 +261,9 @@ class GenerateRequest(FrozenModel):
     routing_key: str | None = Field(
         None, description="Session key for the model's request router (policy 'session'); engines ignore it."
     )
+    adapter: str | None = Field(
+        None, description="The LoRA adapter (a name in the spec's `adapters`) to run with; None: the base model."
+    )
     tools: tuple[ToolFunction, ...] = Field((), description="Functions the model may call (chat only).")
     tool_choice: Literal["none", "auto", "required", "function"] = Field(
         "none",
