@@ -68,7 +68,8 @@ class VLLMEngine(HFTokenizerMixin, Engine):
         self._ids = itertools.count()
         # Vendor quirk (vLLM's CPU LoRA kernels, vllm/lora/ops/torch_ops): in a batch that mixes base-model and
         # adapter requests, the base requests' "no adapter" index -1 selects the last adapter slot, so they get an
-        # adapter's output. On CPU replicas of a model with adapters, base and adapter requests never run together.
+        # adapter's output (open upstream fixes: vllm-project/vllm PRs 48421, 49656). On CPU replicas of a model with
+        # adapters, base and adapter requests never run together.
         self._gate = _KindGate() if spec.adapters and spec.resources.num_gpus == 0 else None
         self._processes: list[Any] = []  # psutil.Process of the engine-core tree this engine spawned
         self._shm: set[str] = set()  # /dev/shm files those processes mapped
