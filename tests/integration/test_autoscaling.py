@@ -1,6 +1,8 @@
 """Autoscaling on a real cluster: a model scales 1 -> 2 under load and back to 1 after it; a model with min_replicas 0
 scales to zero when idle, shows as cold (/readyz, /v1/models, `modelfleet status`), and serves its first request after
-a cold start; requests past the hold limit, or past the cold-start timeout, get a 503 with Retry-After.
+a cold start; requests past the hold limit, or past the cold-start timeout, get a 503 with Retry-After; a model whose
+time to first token is over its `target_ttft_s` scales up under a load that queue depth alone holds at one replica
+(a control model alike but for `target_ttft_s`, under the same load, stays at one).
 
 The times are measured and printed (run with -s to see them), never asserted."""
 
@@ -184,6 +186,135 @@ def test_requests_past_the_hold_limit_get_503_with_retry_after(app: str) -> None
             assert r.json()["choices"][0]["text"] == "hello there"
 
 
+# -- scale-up on time to first token ----------------------------------------------------------------------------
+
+TTFT_APP = "ttft"
+TTFT_TARGET_S = 0.25
+# A one-word prompt with max_tokens 1: the echo engine waits its token delay before its only (first) token, so every
+# request's TTFT is about 1 s, four times the target, at any load.
+FIRST_TOKEN_DELAY_S = 1.0
+# Three clients per model keep about 3 requests in it; a queue target of 8 asks for ceil(3 / 8) = 1 replica, and its
+# scale-down floor ceil(3 / 4) = 1 too: queue depth alone holds the model at 1 replica.
+TTFT_CLIENTS = 3
+QUEUE_TARGET = 8
+
+
+def _ttft_model(model_id: str, **scaling: Any) -> dict[str, Any]:
+    return {
+        **ECHO,
+        "id": model_id,
+        "engine_kwargs": {"token_delay_s": FIRST_TOKEN_DELAY_S},
+        "scaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": QUEUE_TARGET, **FAST, **scaling},
+    }
+
+
+@pytest.fixture(scope="module")
+def ttft_app(deploy: Callable[[dict[str, Any]], str]) -> str:
+    """Two models alike but for `target_ttft_s`: 'ttft-bound' has one below its TTFT, 'ttft-control' has none."""
+    return deploy(
+        {
+            "name": TTFT_APP,
+            "route_prefix": f"/{TTFT_APP}",
+            "models": [_ttft_model("ttft-bound", target_ttft_s=TTFT_TARGET_S), _ttft_model("ttft-control")],
+        }
+    )
+
+
+def _stats(deployment: str) -> dict[str, float]:
+    """What the model's replica reports to the policy now (one replica: the handle's only choice)."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle(f"replica:{deployment}", app_name=TTFT_APP)
+    return dict(handle.record_autoscaling_stats.remote().result(timeout_s=30))
+
+
+@pytest.mark.slow
+def test_slow_first_tokens_scale_up_where_queue_depth_alone_would_not(ttft_app: str) -> None:
+    models = ("ttft-bound", "ttft-control")
+    assert [_replicas(m, TTFT_APP) for m in models] == [(1, 1), (1, 1)]
+    stop = threading.Event()
+    failures: list[str] = []
+    latencies: dict[str, list[float]] = {m: [] for m in models}
+    answered_by: dict[str, set[str]] = {m: set() for m in models}  # replicas that answered (x-modelfleet-replica)
+
+    def client(model: str) -> None:
+        body = {"model": model, "prompt": "hello", "max_tokens": 1}
+        with httpx.Client(timeout=60) as http:
+            while not stop.is_set():
+                sent = time.monotonic()
+                r = http.post(f"{ttft_app}/v1/completions", json=body)
+                if r.status_code != 200:
+                    failures.append(f"{model}: {r.status_code} {r.text}")
+                else:
+                    latencies[model].append(time.monotonic() - sent)
+                    answered_by[model].add(r.headers["x-modelfleet-replica"])
+
+    threads = [threading.Thread(target=client, args=(m,), daemon=True) for m in models for _ in range(TTFT_CLIENTS)]
+    began = time.monotonic()
+    control_most = 1  # the control's most replicas (running or starting) seen while the load ran
+    try:
+        for t in threads:
+            t.start()
+        # Both replicas see the same slow first tokens with requests waiting: the signal `target_ttft_s` acts on.
+        seen: dict[str, dict[str, float]] = {}
+
+        def slow_and_waiting() -> bool:
+            for m in models:
+                if m not in seen:
+                    report = _stats(m)
+                    if report["ttft_s"] > TTFT_TARGET_S and report["waiting"] > 0:
+                        seen[m] = report
+            return len(seen) == len(models)
+
+        wait_for(slow_and_waiting, timeout=60, message=f"the replicas never reported a slow TTFT: {seen}", interval=1)
+
+        def bound_scaled() -> bool:
+            nonlocal control_most
+            control_most = max(control_most, _replicas("ttft-control", TTFT_APP)[1])
+            return _replicas("ttft-bound", TTFT_APP) == (2, 2)
+
+        wait_for(
+            bound_scaled,
+            timeout=SCALE_TIMEOUT_S,
+            message=f"'ttft-bound' did not scale to 2 replicas with a TTFT of ~{FIRST_TOKEN_DELAY_S} s over its "
+            f"target of {TTFT_TARGET_S} s",
+            interval=0.5,
+        )
+        up_s = time.monotonic() - began
+        # The API shows it too, and the new replica takes its share of the load.
+        cards: dict[str, dict[str, Any]] = {}
+
+        def listed() -> bool:
+            cards.update({c["id"]: c for c in httpx.get(f"{ttft_app}/v1/models", timeout=30).json()["data"]})
+            return (cards["ttft-bound"]["replicas"], cards["ttft-control"]["replicas"]) == (2, 1)
+
+        wait_for(listed, timeout=30, message=f"/v1/models did not list 2 and 1 replicas: {cards}", interval=0.5)
+        wait_for(
+            lambda: len(answered_by["ttft-bound"]) == 2,
+            timeout=30,
+            message=f"the new replica of 'ttft-bound' answered no request: {answered_by}",
+            interval=0.5,
+        )
+        control_most = max(control_most, _replicas("ttft-control", TTFT_APP)[1])
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    assert not failures, failures[:3]
+    # The same load and the same slow first tokens, for as long, without `target_ttft_s`: queue depth alone kept it
+    # at one replica.
+    assert control_most == 1, f"'ttft-control' (no target_ttft_s) scaled to {control_most} replicas"
+    served = {m: sorted(v) for m, v in latencies.items()}
+    assert all(served.values()), {m: len(v) for m, v in served.items()}
+    assert len(answered_by["ttft-control"]) == 1, answered_by
+    medians = ", ".join(f"{m} {v[len(v) // 2]:.2f} s ({len(v)} requests)" for m, v in served.items())
+    reported = ", ".join(f"{m} {r['ttft_s']:.2f} s ({r['waiting']:.0f} waiting)" for m, r in seen.items())
+    print(
+        f"\nTTFT scale-up: 'ttft-bound' 1 -> 2 replicas {up_s:.1f} s after the load began; 'ttft-control' stayed at 1."
+        f"\n  replica-reported TTFT: {reported}; client latency p50 (max_tokens 1): {medians}"
+    )
+
+
 @pytest.fixture(scope="module")
 def stuck(ray_cluster: int) -> Iterator[str]:
     """An app whose model scales to zero and can never start again: its replica asks for more memory than any node
@@ -210,7 +341,9 @@ def stuck(ray_cluster: int) -> Iterator[str]:
                     },
                 }
             ],
-            "router": {"port": ray_cluster},
+            # A replica Serve stops gets its drain time (request_timeout_s + 5 s) even when it never started: kept
+            # short, or deleting the app outlasts serve.delete's 60 s wait for it.
+            "router": {"port": ray_cluster, "request_timeout_s": 20},
         }
     )
     serve.run(build_app(config), name=config.name, route_prefix=config.route_prefix)

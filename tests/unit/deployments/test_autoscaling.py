@@ -160,6 +160,22 @@ def test_policy_reads_the_replicas_reports() -> None:
     assert policy(ctx) == (3, {"kept": 1})  # r2 reported no first output lately: r1's TTFT is the mean
 
 
+def test_serve_scales_on_ttft_where_queue_depth_alone_holds() -> None:
+    """The integration test's case (tests/integration/test_autoscaling.py), as Serve's controller runs the plan's
+    policy: 3 requests against a queue target of 8 ask for 1 replica; a TTFT of 1 s over a 0.25 s target asks for one
+    more, and the capped count holds at max_replicas."""
+    reports = {"ttft_s": {"r1": 1.0}, "waiting": {"r1": 3.0}}
+    scaling = {"max_replicas": 2, "target_ongoing_requests": 8, "upscale_delay_s": 0, "downscale_delay_s": 0}
+    bound, bound_config = _serve_policy(_spec(target_ttft_s=0.25, **scaling))
+    control, control_config = _serve_policy(_spec(**scaling))
+    assert bound(_context(bound_config, replicas=1, requests=3.0, state={}, reports=reports))[0] == 2
+    assert control(_context(control_config, replicas=1, requests=3.0, state={}, reports=reports))[0] == 1
+    assert bound(_context(bound_config, replicas=2, requests=3.0, state={}, reports=reports))[0] == 2
+    # No replica reported a first output lately: queue depth only.
+    quiet = {"ttft_s": {"r1": 0.0}, "waiting": {"r1": 3.0}}
+    assert bound(_context(bound_config, replicas=1, requests=3.0, state={}, reports=quiet))[0] == 1
+
+
 def test_the_controller_loads_the_policy_without_the_repo() -> None:
     """Serve pickles the policy module by value: its controller has no `deployments` package to import."""
     blob = AutoscalingPolicy(policy_function=autoscaling.POLICY_PATH).get_serialized_policy_def()
