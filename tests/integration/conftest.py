@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -10,6 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from cluster.local import free_port
@@ -27,6 +29,29 @@ def wait_for(cond: Callable[[], bool], *, timeout: float, message: str, interval
             return
         time.sleep(interval)
     pytest.fail(f"timed out after {timeout:.0f} s: {message}")
+
+
+def metric_samples(metric: str, application: str) -> list[tuple[dict[str, str], float]]:
+    """Every sample of the Prometheus series `metric` (its full exported name) of one Serve app, with its labels, read
+    from each live node's Ray metrics port (a counter appears once per process that exported it: sum them)."""
+    import ray
+
+    pattern = re.compile(rf"^{re.escape(metric)}\{{([^}}]*)\}}\s+([0-9.eE+-]+)$")
+    samples = []
+    for node in ray.nodes():
+        if not node.get("Alive") or not node.get("MetricsExportPort"):
+            continue
+        try:
+            text = httpx.get(f"http://127.0.0.1:{node['MetricsExportPort']}/metrics", timeout=10).text
+        except httpx.HTTPError:
+            continue
+        for line in text.splitlines():
+            match = pattern.match(line)
+            if match:
+                labels = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1)))
+                if labels.get("application") == application:
+                    samples.append((labels, float(match.group(2))))
+    return samples
 
 
 @pytest.fixture(scope="session")

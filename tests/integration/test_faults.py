@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import threading
 import time
@@ -29,7 +28,7 @@ import pytest
 
 from cluster import deploy as deploying
 from cluster.local import ClusterError, ClusterState
-from tests.integration.conftest import wait_for
+from tests.integration.conftest import metric_samples, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -125,26 +124,12 @@ def _kill_one_replica(deployment: str) -> dict[str, Any]:
 def _counters(model: str) -> dict[str, float]:
     """This app's router counters of `model`, summed over every node's Ray metrics port: 'requests' (answered
     requests, `modelfleet_requests`) and 'retries:<reason>' (`modelfleet_retries`)."""
-    import ray
-
     totals: dict[str, float] = {}
-    pattern = re.compile(r"^ray_modelfleet_(requests|retries)_total\{([^}]*)\}\s+([0-9.eE+-]+)$")
-    for node in ray.nodes():
-        if not node.get("Alive") or not node.get("MetricsExportPort"):
-            continue
-        try:
-            text = httpx.get(f"http://127.0.0.1:{node['MetricsExportPort']}/metrics", timeout=10).text
-        except httpx.HTTPError:
-            continue
-        for line in text.splitlines():
-            match = pattern.match(line)
-            if not match:
-                continue
-            labels = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2)))
-            if labels.get("model") != model or labels.get("application") != APP:
-                continue
-            key = "requests" if match.group(1) == "requests" else f"retries:{labels['reason']}"
-            totals[key] = totals.get(key, 0.0) + float(match.group(3))
+    for metric, name in (("ray_modelfleet_requests_total", None), ("ray_modelfleet_retries_total", "retries")):
+        for labels, value in metric_samples(metric, APP):
+            if labels.get("model") == model:
+                key = f"retries:{labels['reason']}" if name else "requests"
+                totals[key] = totals.get(key, 0.0) + value
     return totals
 
 

@@ -21,7 +21,7 @@ from deployments.auth import key_sha256, store_name
 from deployments.auth.limits import QUOTA_NAMESPACE
 from deployments.batch.store import FileStore, new_batch_id, new_file_id
 from deployments.plan import ROUTER_DEPLOYMENT
-from tests.integration.conftest import wait_for
+from tests.integration.conftest import metric_samples, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -284,24 +284,7 @@ def test_tokens_per_minute_refuse_once_spent(keyed: str) -> None:
 
 def _key_series(metric: str) -> list[dict[str, str]]:
     """Label sets (with the value as `_value`) of a key metric of this app, from every node's metrics port."""
-    import ray
-
-    pattern = re.compile(rf"^{metric}\{{([^}}]*)\}}\s+([0-9.eE+-]+)$")
-    found = []
-    for node in ray.nodes():
-        if not node.get("Alive") or not node.get("MetricsExportPort"):
-            continue
-        try:
-            text = httpx.get(f"http://127.0.0.1:{node['MetricsExportPort']}/metrics", timeout=10).text
-        except httpx.HTTPError:
-            continue
-        for line in text.splitlines():
-            match = pattern.match(line)
-            if match:
-                labels = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1)))
-                if labels.get("application") == APP:
-                    found.append({**labels, "_value": match.group(2)})
-    return found
+    return [{**labels, "_value": repr(value)} for labels, value in metric_samples(metric, APP)]
 
 
 def test_usage_per_key_is_exported(keyed: str) -> None:

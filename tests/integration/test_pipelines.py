@@ -5,7 +5,6 @@ the `x-modelfleet-models` header that says which models answered, and the pipeli
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
@@ -17,6 +16,8 @@ import httpx
 import openai
 import pytest
 import yaml
+
+from tests.integration.conftest import metric_samples
 
 MODELS = "x-modelfleet-models"
 TIMEOUT_S = 120.0  # every request's bound
@@ -561,23 +562,9 @@ def test_score_and_rerank_through_a_switch(http: httpx.Client) -> None:
 def _pipeline_requests() -> dict[tuple[str, str, str], float]:
     """`modelfleet_pipeline_requests` of this module's app by (pipeline, endpoint, status), summed over every
     node's metrics port."""
-    import ray
-
     totals: dict[tuple[str, str, str], float] = defaultdict(float)
-    pattern = re.compile(r"^ray_modelfleet_pipeline_requests_total\{([^}]*)\}\s+([0-9.eE+-]+)$")
-    for node in ray.nodes():
-        if not node.get("Alive") or not node.get("MetricsExportPort"):
-            continue
-        try:
-            text = httpx.get(f"http://127.0.0.1:{node['MetricsExportPort']}/metrics", timeout=10).text
-        except httpx.HTTPError:
-            continue
-        for line in text.splitlines():
-            match = pattern.match(line)
-            if match:
-                labels = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1)))
-                if labels.get("application") == "pipelines":
-                    totals[labels["model"], labels["endpoint"], labels["status"]] += float(match.group(2))
+    for labels, value in metric_samples("ray_modelfleet_pipeline_requests_total", "pipelines"):
+        totals[labels["model"], labels["endpoint"], labels["status"]] += value
     return totals
 
 
