@@ -14,6 +14,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from cluster import LOCAL_ONLY_ENV
 from cluster.auth_token import ray_auth_env
 from deployments import cpus
 from deployments.api.proxy_middleware import PROXY_ENV
@@ -183,6 +184,7 @@ def up(
     env = {key: value for key, value in os.environ.items() if key != "RAY_AUTH_TOKEN"}
     env.update(RAY_ENV)
     env.update(PROXY_ENV)  # Serve's proxy answers undecodable headers with a 400 (deployments.api.proxy_middleware)
+    env.update(LOCAL_ONLY_ENV)  # its processes dial each other on 127.0.0.1 (see cluster/__init__.py)
     env.update(ray_auth_env(settings.home))  # token auth stays on, with the cluster's own token
     if split is not None:
         logger.info("local cluster: %s", split.describe())
