@@ -125,8 +125,15 @@ def test_tensor_parallel_spec_reserves_one_gpu_bundle_per_worker(
 
 def test_unsatisfiable_spec_is_reported_pending(ray_cluster: int, home: Path, cleanup: list[str]) -> None:
     spec = {"id": "big", "task": "generate", "engine": "echo", "resources": {"num_cpus": 0.5, "num_gpus": 4}}
+    # A replica Serve stops gets its drain time (request_timeout_s + 5 s) even when it never started: a short request
+    # timeout keeps the teardown's delete inside serve.delete's 60 s wait.
     config = ServingConfig.model_validate(
-        {"name": "big", "route_prefix": "/big", "models": [spec], "router": {"port": ray_cluster}}
+        {
+            "name": "big",
+            "route_prefix": "/big",
+            "models": [spec],
+            "router": {"port": ray_cluster, "request_timeout_s": 20},
+        }
     )
     cleanup.append("big")
     with pytest.raises(ClusterError, match=r"cannot be placed: no node can hold \{CPU: 0.5, GPU: 4\}"):
