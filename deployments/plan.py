@@ -29,6 +29,7 @@ __all__ = [
     "EnginePlan",
     "ModelPlan",
     "PlanError",
+    "adapter_user_config",
     "compile_plan",
     "plan_engine",
     "plan_model",
@@ -146,14 +147,18 @@ class ModelPlan(FrozenModel):
     @property
     def code_version(self) -> str:
         """Serve's code version of the model's deployment: a digest of what its replicas are built from (spec and
-        engine), without its replica counts and queue limits, which Serve changes on running replicas, and without
-        whether it is its id's default version, which only the router reads.
+        engine), without its replica counts and queue limits, which Serve changes on running replicas, without
+        whether it is its id's default version, which only the router reads, and without its LoRA adapter list,
+        which replicas take in place (`user_config`, see `adapter_user_config`). Whether LoRA is on at all, and its
+        engine limits (`max_loaded_adapters`, `max_lora_rank`), stay in it: vLLM takes them only when it starts.
 
         Serve restarts a deployment's replicas when its code version changes, and otherwise applies the options in
         place, so a redeploy that leaves the model alone, or changes only its scaling, restarts none of its
         replicas. (Serve's own resource options, actor and placement group, restart them by themselves.)
         """
-        return _digest(self.model_dump(mode="json", exclude={"serve_options": True, "spec": {"scaling", "default"}}))
+        unbuilt = {"serve_options": True, "spec": {"scaling", "default", "adapters"}}
+        built = self.model_dump(mode="json", exclude=unbuilt)
+        return _digest({**built, "lora": bool(self.spec.adapters)})
 
 
 class DeploymentPlan(FrozenModel):
@@ -323,6 +328,9 @@ def _serve_options(spec: ModelSpec, bundles: list[dict[str, float]] | None, drai
     router = _request_router_config(spec)
     if router is not None:
         options["request_router_config"] = router
+    if spec.adapters:
+        # Applied by the replicas' `reconfigure`, in place: a changed adapter list restarts none of them.
+        options["user_config"] = adapter_user_config(spec)
     if bundles is not None:
         options["placement_group_bundles"] = bundles
         options["placement_group_strategy"] = spec.parallelism.placement_strategy
@@ -352,6 +360,11 @@ def _serve_options(spec: ModelSpec, bundles: list[dict[str, float]] | None, drai
     else:
         options["num_replicas"] = scaling.max_replicas
     return options
+
+
+def adapter_user_config(spec: ModelSpec) -> dict[str, Any]:
+    """The user_config of a model with LoRA adapters: what its replicas' `reconfigure` takes (JSON, as Serve wants)."""
+    return {"adapters": [{"name": a.name, "path": str(a.path)} for a in spec.adapters]}
 
 
 def _request_router_config(spec: ModelSpec) -> dict[str, Any] | None:

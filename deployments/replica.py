@@ -32,8 +32,10 @@ from deployments.engines.protocol import (
     ToolCallDelta,
     merge_tool_calls,
 )
-from deployments.errors import EngineDeadError, InvalidRequestError
+from deployments.engines.vllm_lora import LoRAMixin, check_adapters
+from deployments.errors import EngineDeadError, EngineStartError, InvalidRequestError
 from deployments.plan import ModelPlan
+from models.spec import AdapterSpec
 
 __all__ = ["ModelReplica"]
 
@@ -57,6 +59,10 @@ class ModelReplica:
         self._ending: asyncio.Task[None] | None = None
         cls = engine_cls or engines.resolve(spec.engine, spec.task)
         self.engine = cls(spec, plan.engine)
+        engine = self.engine
+        self.adapters: Adapters | None = None
+        if spec.adapters and isinstance(engine, LoRAMixin):
+            self.adapters = Adapters(engine, spec.max_loaded_adapters)
         started = time.monotonic()
         await self.engine.start()
         if self.engine.computes_out_of_process:
@@ -89,6 +95,7 @@ class ModelReplica:
         last: GenerateChunk | None = None
         try:
             with self.progress.request():
+                await self._load_adapter(request)
                 async for chunk in self.engine.generate(request):
                     self.progress.made()
                     if track.times is None:
@@ -110,6 +117,7 @@ class ModelReplica:
         track = self.metrics.start()
         try:
             with self.progress.request():
+                await self._load_adapter(request)
                 async for chunk in self.engine.generate(request):
                     self.progress.made()
                     if track.times is None:
@@ -132,6 +140,34 @@ class ModelReplica:
             replica=self.replica_id,
             times=track.times,
         )
+
+    async def _load_adapter(self, request: GenerateRequest) -> None:
+        """Load the request's LoRA adapter on this replica if it is not loaded (Serve's multiplexing: see `Adapters`).
+
+        Raises:
+            ModelNotFoundError: the model has no adapter of that name (now).
+        """
+        if request.adapter is not None:
+            if self.adapters is None:
+                raise InvalidRequestError(f"model '{self.spec.id}' has no LoRA adapters", param="model")
+            await self.adapters.use(request.adapter)
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Serve's hook for the deployment's `user_config` (`deployments.plan.adapter_user_config`), called after
+        `__init__` and again, in place, when only it changed: the model's LoRA adapters from now on. A removed or
+        repointed adapter this replica holds is unloaded; new ones load on their first request.
+
+        Raises:
+            EngineStartError: a new adapter's folder is not a peft adapter within `max_lora_rank` (the message names
+                it), or the model's engine has no LoRA support.
+        """
+        adapters = tuple(AdapterSpec.model_validate(a) for a in user_config.get("adapters", ()))
+        if self.adapters is None:
+            if adapters:
+                raise EngineStartError(f"model '{self.spec.id}' runs the {self.spec.engine} engine: it has no LoRA")
+            return
+        check_adapters(self.spec, adapters)
+        await self.adapters.update(adapters)
 
     def _tokenizer(self) -> TokenizingEngine:
         if not isinstance(self.engine, TokenizingEngine):
@@ -285,6 +321,71 @@ class ModelReplica:
         if hasattr(self, "metrics"):  # not when __init__ failed
             self.metrics.stopped()
         await self.engine.shutdown()
+
+
+class Adapters:
+    """The LoRA adapters loaded on one replica, through Serve's model multiplexing: the router sends an adapter's
+    requests with the adapter's name as the multiplexed model id, Serve prefers replicas that report it loaded, and
+    this replica keeps the `max_loaded` most recently used in Serve's LRU, which matches vLLM's own: an adapter Serve
+    loads is added to vLLM (`add_lora`), one it evicts is removed (`remove_lora`), so both hold the same set.
+    """
+
+    def __init__(self, engine: LoRAMixin, max_loaded: int) -> None:
+        from ray import serve
+
+        self._engine = engine
+
+        async def load(name: str) -> _LoadedAdapter:
+            return _LoadedAdapter(engine, await engine.load_adapter(name))
+
+        self._loader = load
+        self._load = serve.multiplexed(max_num_models_per_replica=max_loaded)(load)
+
+    async def use(self, name: str) -> None:
+        """Make sure the adapter is loaded here (the most recently used now), evicting the least recently used.
+
+        Raises:
+            ModelNotFoundError: the model has no adapter of that name (now).
+            EngineError: vLLM cannot load it.
+        """
+        await self._load(name)
+
+    async def update(self, adapters: tuple[AdapterSpec, ...]) -> None:
+        """Serve these adapters from now on; unload those of the others (or of their old folders) loaded here."""
+        gone = self._engine.set_adapters(adapters)
+        # Serve has no call to drop one multiplexed model: its LRU (2.60's _ModelMultiplexWrapper, kept on the
+        # loader) is popped here, and the replica's next push tells the controller, so routers stop preferring it.
+        lru = getattr(self._loader, "__serve_multiplex_wrapper", None)
+        if lru is None:
+            return  # nothing loaded yet
+        for name in gone:
+            loaded = lru.models.pop(name, None)
+            if loaded is not None:
+                lru._push_multiplexed_replica_info = True
+                lru.registered_model_gauge.set(0, tags={"model_id": name})  # as Serve's own eviction does
+                await loaded.unload()
+
+    @property
+    def loaded(self) -> tuple[str, ...]:
+        """The adapters loaded here, least recently used first."""
+        lru = getattr(self._loader, "__serve_multiplex_wrapper", None)
+        return tuple(lru.models) if lru is not None else ()
+
+
+class _LoadedAdapter:
+    """An adapter loaded into the engine, as Serve's multiplexer holds it: it awaits the object's `__del__` when it
+    evicts it. That `__del__` is set on the instance, so the garbage collector (which looks it up on the type) never
+    calls it a second time."""
+
+    def __init__(self, engine: LoRAMixin, request: Any) -> None:
+        self._engine = engine
+        self.request = request
+        self.__dict__["__del__"] = self.unload
+
+    async def unload(self) -> None:
+        if self.request is not None:
+            request, self.request = self.request, None
+            await self._engine.unload_adapter(request)
 
 
 class Progress:

@@ -108,6 +108,7 @@ class Router:
         # Configure each handle once: every .options() call builds a new handle.
         self._unary = {mid: handles[mid].options(stream=False) for mid in self._specs}
         self._streaming = {mid: handles[mid].options(stream=True) for mid in self._specs}
+        self._adapter_handles: dict[tuple[str, bool], DeploymentHandle] = {}
         self._timeout_s = config.router.request_timeout_s
         self._max_retries = config.router.max_retries
         self._last_ready: dict[str, bool] = {}
@@ -200,8 +201,9 @@ class Router:
         watch = timing.dispatch(model_id)
         deadline = time.monotonic() + self._timeout_s
         attempt = 0
+        handle = self._handle(model_id, request, stream=True)
         while True:
-            response = await self._send(model_id, lambda: self._streaming[model_id].generate.remote(request))
+            response = await self._send(model_id, lambda: handle.generate.remote(request))
             started = False
             try:
                 while True:
@@ -252,6 +254,18 @@ class Router:
         if model_id in self._adapters and model_id not in self._names:
             return request.model_copy(update={"adapter": model_id})
         return request
+
+    def _handle(self, model_id: str, payload: Any, stream: bool = False) -> DeploymentHandle:
+        """The handle a call of the model goes through: for a request with a LoRA adapter, one whose multiplexed
+        model id is the adapter's name, so that Serve prefers a replica that has it loaded (made once per adapter)."""
+        handles = self._streaming if stream else self._unary
+        adapter = payload.adapter if isinstance(payload, GenerateRequest) else None
+        if adapter is None:
+            return handles[model_id]
+        key = (adapter, stream)
+        if key not in self._adapter_handles:
+            self._adapter_handles[key] = handles[model_id].options(multiplexed_model_id=adapter)
+        return self._adapter_handles[key]
 
     async def tokenize(self, model_id: str, request: TokenizeRequest) -> TokenizeResult:
         """Token ids of a text or chat messages on the model's tokenizer.
@@ -351,8 +365,9 @@ class Router:
         """
         deadline = time.monotonic() + self._timeout_s
         attempt = 0
+        call = getattr(self._handle(model_id, payload), method)
         while True:
-            response = await self._send(model_id, lambda: getattr(self._unary[model_id], method).remote(payload))
+            response = await self._send(model_id, lambda: call.remote(payload))
             try:
                 return await self._call(response, deadline - time.monotonic())
             except _ReplicaLostError as exc:

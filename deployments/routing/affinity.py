@@ -3,7 +3,8 @@
 A request's keys pick its preferred replica: the one that served the key last (remembered in a bounded table), or
 for a new key the rendezvous-hash choice. Serve then tries the preferred replica first and the least loaded of the
 rest next; when the preferred one is overloaded, a less loaded replica first. Requests without a key are routed as
-by Serve's default, the less loaded of two random replicas.
+by Serve's default, the less loaded of two random replicas. A request for a multiplexed model (a LoRA adapter) is
+first narrowed, as Serve's default router does, to the replicas that have it loaded; affinity applies among those.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import math
 import random
 from typing import TYPE_CHECKING, Any
 
-from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
+from ray.serve.request_router import MultiplexMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from deployments.routing.keys import rendezvous_first
 from deployments.routing.table import AffinityTable
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
 __all__ = ["AffinityRouter"]
 
 
-class AffinityRouter(RequestRouter):
+class AffinityRouter(MultiplexMixin, RequestRouter):
     """Routes requests that share a key to the replica that served the key last, unless it is gone or overloaded.
 
     Configured through `RequestRouterConfig.request_router_kwargs` (see `deployments.plan`): `table_size`,
@@ -53,15 +54,22 @@ class AffinityRouter(RequestRouter):
         """Ranks of replicas: Serve takes the least loaded replica with room in the first rank that has one."""
         if not candidate_replicas or pending_request is None:
             return [candidate_replicas]
+        if pending_request.metadata.multiplexed_model_id:
+            # Serve's multiplex preference (MultiplexMixin): the replicas holding the model, else (no match, busy,
+            # or after Serve's matching timeout) those holding the fewest models, at last all of them.
+            preferred_ids = self.apply_multiplex_routing(pending_request)
+            candidate_replicas = [r for r in candidate_replicas if r.replica_id in preferred_ids]
+            if not candidate_replicas:
+                return []  # Serve backs off and asks again
         # Without it Serve retries at once, in a busy loop, when every replica is full.
         pending_request.routing_context.should_backoff = True
         keys = self.affinity_keys(pending_request)
         if not keys:
             return [random.sample(candidate_replicas, min(2, len(candidate_replicas)))]
         preferred = self._remembered(keys)
-        if preferred is None:
-            # A new key (or its replica is gone): placed by its least specific key, so requests that share only
-            # the beginning of a prompt still meet.
+        if preferred is None or preferred not in candidate_replicas:
+            # A new key (or its replica is gone, or lacks the request's multiplexed model): placed by its least
+            # specific key, so requests that share only the beginning of a prompt still meet.
             names = [r.replica_id.unique_id for r in candidate_replicas]
             preferred = candidate_replicas[rendezvous_first(keys[-1], names)]
         rest = [r for r in candidate_replicas if r.replica_id != preferred.replica_id]

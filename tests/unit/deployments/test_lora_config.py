@@ -14,10 +14,11 @@ from pydantic import ValidationError
 from deployments.api.ingress import app
 from deployments.api.openapi import narrow_openapi
 from deployments.config import ServingConfig
-from deployments.engines.vllm import VLLMEngine, _check_adapters, _KindGate
-from deployments.errors import EngineStartError, InvalidRequestError
+from deployments.engines.vllm import VLLMEngine
+from deployments.engines.vllm_lora import KindGate, check_adapters
+from deployments.errors import EngineStartError, ModelNotFoundError
 from deployments.plan import PlanError, plan_engine
-from models.spec import ModelSpec, adapter_names
+from models.spec import AdapterSpec, ModelSpec, adapter_names
 
 pytestmark = pytest.mark.unit
 
@@ -94,8 +95,10 @@ def test_engine_maps_an_adapter_to_a_lora_request() -> None:
     engine = VLLMEngine(ModelSpec(**_base(adapters=ADAPTERS)))
     assert engine._lora_request(None) is None
     poem = engine._lora_request("poem")
-    assert (poem.lora_name, poem.lora_int_id, poem.lora_path) == ("poem", 2, "/adapters/poem")
-    with pytest.raises(InvalidRequestError, match="no adapter 'prose'"):
+    assert (poem.lora_name, poem.lora_path) == ("poem", "/adapters/poem")
+    assert engine._lora_request("poem") is poem  # one id per (name, folder), as vLLM caches by id
+    assert engine._lora_request("sql").lora_int_id != poem.lora_int_id
+    with pytest.raises(ModelNotFoundError, match="no such adapter"):
         engine._lora_request("prose")
 
 
@@ -109,18 +112,25 @@ def test_adapter_folders_are_checked_before_vllm_starts(tmp_path: Path) -> None:
         adapters = [{"name": n, "path": str(tmp_path / n)} for n in names]
         return ModelSpec(**_base(adapters=adapters, max_lora_rank=16))
 
-    _check_adapters(spec("ok"))
+    check_adapters(spec("ok"))
     with pytest.raises(EngineStartError, match="adapter 'missing' has no readable peft adapter_config.json"):
-        _check_adapters(spec("ok", "missing"))
-    with pytest.raises(EngineStartError, match="adapter 'wide' has rank 32, above max_lora_rank 16"):
-        _check_adapters(spec("wide"))
+        check_adapters(spec("ok", "missing"))
+    # At config load, a folder that is visible here is checked too (one of another node is left to its replica).
+    with pytest.raises(ValidationError, match="adapter 'wide' has rank 32, above max_lora_rank 16"):
+        spec("wide")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValidationError, match="adapter 'empty' has no readable peft adapter_config.json"):
+        spec("empty")
+    # The replica checks a new list the same way (reconfigure), against the spec's max_lora_rank.
+    with pytest.raises(EngineStartError, match="adapter 'wide' has rank 32"):
+        check_adapters(spec("ok"), [AdapterSpec(name="wide", path=tmp_path / "wide")])
 
 
 def test_base_and_adapter_requests_never_run_together() -> None:
     """The CPU workaround: one kind at a time, and a waiting kind is not starved by new arrivals of the other."""
 
     async def scenario() -> list[str]:
-        gate, order = _KindGate(), []
+        gate, order = KindGate(), []
 
         async def request(name: str, base: bool, hold_s: float) -> None:
             await gate.acquire(base)
