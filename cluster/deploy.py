@@ -44,6 +44,10 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 _DEPLOYED_FILE = "deployed.json"
 _UNSCHEDULABLE_GRACE_S = 20.0
+# How often `deploy` reads the app's status and `wait_ready` asks /readyz while an app starts: each costs one small
+# call, and every period is added to the time the CLI reports ready (issue 14).
+_POLL_S = 0.25
+_RUNNING = "RUNNING:"  # how `_progress_line` starts once Serve runs the app
 # The repo root is Ray's working_dir; only the code travels, never the venv or caches.
 _WORKING_DIR_EXCLUDES = [".venv", ".git", "**/__pycache__", ".pytest_cache", ".mypy_cache", "docs", "tests"]
 
@@ -175,13 +179,14 @@ def deploy(
         _check_tls_unchanged(config.router.tls)
     elif not _port_free(host, port):
         raise ClusterError(f"{host}:{port} is already in use: stop what listens there or set router.port")
-    serve.start(http_options=http_options)
+    deadline = time.monotonic() + timeout_s
+    starter, start_failed = _start_serve(http_options)
     from deployments.app import build_app_from_plan
 
-    application = build_app_from_plan(plan)
+    application = build_app_from_plan(plan)  # while Serve's controller starts
     _record(plan)  # before it runs, so `modelfleet status` can explain an app that stays pending
     record_config(config)
-    deadline = time.monotonic() + timeout_s
+    _wait_controller(start_failed, deadline)
     last_line = ""
     stuck_since: float | None = None
     outcome: list[BaseException | None] = []
@@ -196,9 +201,17 @@ def deploy(
     # serve.run blocks until the app runs, possibly forever (nothing can place it): run it in a daemon
     # thread so that giving up here never waits on it.
     runner = threading.Thread(target=run, name="serve-run", daemon=True)
+    fresh = config.name not in serve.status().applications
     runner.start()
     while runner.is_alive():
+        if start_failed:
+            raise ClusterError(f"Serve did not start: {start_failed[0]}") from start_failed[0]
         line = _progress_line(config.name)
+        if fresh and line.startswith(_RUNNING):
+            # serve.run sees it only at its next poll, up to a second later (Serve's CLIENT_POLLING_INTERVAL_S):
+            # go on to the real check now; the thread returns on its own. Not on a redeploy, where the old
+            # version's RUNNING can show before Serve takes the new one.
+            break
         reasons = pending_reasons(plan)
         if reasons:
             line += " | waiting for resources: " + "; ".join(f"{d}: {r}" for d, r in reasons.items())
@@ -216,14 +229,61 @@ def deploy(
             last_line = line
         if time.monotonic() > deadline:
             raise ClusterError(f"app '{config.name}' was not running after {timeout_s:.0f} s: {last_line}")
-        runner.join(timeout=1.0)
+        runner.join(timeout=_POLL_S)
     if outcome and outcome[0] is not None:
         raise ClusterError(f"deploying '{config.name}' failed: {outcome[0]}") from outcome[0]
+    starter.join(timeout=max(deadline - time.monotonic(), 0.0))  # the proxy: long up by now
+    if start_failed or starter.is_alive():
+        raise ClusterError(f"Serve did not start: {start_failed[0] if start_failed else 'its proxy is not up'}")
     base = f"{'https' if config.router.tls else 'http'}://{host}:{port}{config.route_prefix.rstrip('/')}"
     on_progress("deployments running; checking that every model answers ...")
     tls = config.router.tls
     wait_ready(base, timeout_s=max(deadline - time.monotonic(), 30.0), cafile=tls.certfile if tls else None)
     return base
+
+
+def _start_serve(http_options: dict[str, Any]) -> tuple[threading.Thread, list[BaseException]]:
+    """Start Serve in the background (issue 14): serve.start returns only once Serve's proxy is up too, 1-2 s
+    here, and the app's replicas need only the controller, so the app goes in while the proxy starts (serve.run
+    finds the controller and uses it). `_wait_controller` waits for the controller.
+
+    Returns:
+        The thread running serve.start, and a list that receives its error if it fails.
+    """
+    from ray import serve
+
+    failed: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            serve.start(http_options=http_options)
+        except BaseException as exc:  # noqa: BLE001 - handed to the deploying thread
+            failed.append(exc)
+
+    starter = threading.Thread(target=start, name="serve-start", daemon=True)
+    starter.start()
+    return starter, failed
+
+
+def _wait_controller(failed: list[BaseException], deadline: float) -> None:
+    """Return once Serve's controller answers.
+
+    Raises:
+        ClusterError: Serve failed to start (`failed`, from `_start_serve`), or its controller did not answer by
+            `deadline` (monotonic).
+    """
+    from ray import serve
+    from ray.serve.exceptions import RayServeException
+
+    while time.monotonic() < deadline:
+        if failed:
+            raise ClusterError(f"Serve did not start: {failed[0]}") from failed[0]
+        try:
+            serve.status()  # answers once the controller runs (it blocks while the actor initialises)
+            return
+        except RayServeException:  # no controller yet
+            time.sleep(0.05)
+    raise ClusterError("Serve's controller did not start in time")
 
 
 def _http_options(config: ServingConfig) -> dict[str, Any]:
@@ -359,7 +419,7 @@ def wait_ready(base_url: str, *, timeout_s: float = 300.0, cafile: Path | None =
                 last = response.text
             except httpx.HTTPError as exc:
                 last = str(exc)
-            time.sleep(0.5)
+            time.sleep(_POLL_S)
     raise ClusterError(f"{base_url}/readyz did not turn ready in {timeout_s:.0f} s (last answer: {last})")
 
 

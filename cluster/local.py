@@ -26,6 +26,11 @@ __all__ = ["ClusterError", "ClusterState", "down", "free_port", "read_state", "s
 logger = logging.getLogger(__name__)
 
 _STATE_FILE = "cluster.json"
+# Ray's raylet starts idle Python workers when the first driver connects, as many as it may start at once (here
+# 2). No modelfleet actor can use them: Serve's controller, proxy and replicas all run in the job's runtime_env
+# (the repo as working_dir), which an idle worker lacks. They only took both cores, and both worker-start slots,
+# while the controller's own worker started (issue 14).
+_STARTUP_ENV = {"RAY_prestart_worker_first_driver": "0"}
 # Ray puts unix sockets at <temp dir>/session_<date>_<time>_<usec>_<pid>/sockets/plasma_store: 63 more bytes.
 _MAX_TEMP_DIR_CHARS = 44
 
@@ -185,6 +190,7 @@ def up(
     env.update(RAY_ENV)
     env.update(PROXY_ENV)  # Serve's proxy answers undecodable headers with a 400 (deployments.api.proxy_middleware)
     env.update(LOCAL_ONLY_ENV)  # its processes dial each other on 127.0.0.1 (see cluster/__init__.py)
+    env.update(_STARTUP_ENV)
     env.update(ray_auth_env(settings.home))  # token auth stays on, with the cluster's own token
     if split is not None:
         logger.info("local cluster: %s", split.describe())

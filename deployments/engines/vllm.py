@@ -10,6 +10,7 @@ import dataclasses
 import itertools
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,7 @@ class VLLMEngine(LoRAMixin, HFTokenizerMixin, Engine):
         self._init_lora(spec)
         self._processes: list[Any] = []  # psutil.Process of the engine-core tree this engine spawned
         self._shm: set[str] = set()  # /dev/shm files those processes mapped
+        self.start_times: dict[str, float] = {}  # seconds per phase of `start`, for the replica's start-up line
 
     @property
     def context_length(self) -> int:
@@ -203,16 +205,22 @@ class VLLMEngine(LoRAMixin, HFTokenizerMixin, Engine):
     def _load(self) -> None:
         import psutil
 
+        began = time.monotonic()
         args = self._engine_args()
         try:
             from vllm.v1.engine.async_llm import AsyncLLM
 
             from deployments.metrics import vllm_stat_loggers  # lazy: Ray's metrics, only inside a replica
 
+            # Import and checks, then the engine core's own start (its processes, weights, KV cache): the replica
+            # logs both (`cluster.startup_timing` reads them).
+            self.start_times["import"] = time.monotonic() - began
             before = {p.pid for p in psutil.Process().children(recursive=True)}
             # No local name for the engine: the first vLLM import keeps this frame alive, and a local here
             # would keep the engine alive past shutdown (its __del__ then fails at interpreter exit).
+            built = time.monotonic()
             self._llm = AsyncLLM.from_engine_args(args, stat_loggers=vllm_stat_loggers())
+            self.start_times["build"] = time.monotonic() - built
         except Exception as exc:  # any loader failure becomes one typed error
             raise EngineStartError(
                 f"cannot start vLLM for model '{self.spec.id}' from '{self.spec.source}': "
