@@ -84,7 +84,11 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 def _cmd_up(args: argparse.Namespace) -> int:
     state = local.up(
-        num_cpus=args.num_cpus, dashboard=args.dashboard, engine_cpus=args.engine_cpus, metrics_port=args.metrics_port
+        num_cpus=args.num_cpus,
+        dashboard=args.dashboard,
+        engine_cpus=args.engine_cpus,
+        metrics_port=args.metrics_port,
+        ingress=args.ingress,
     )
     cores = f"; engines compute on cores {state.engine_cpus}" if state.engine_cpus else ""
     _say(f"local Ray cluster running at {state.gcs_address} (pid {state.pid}, {state.num_cpus} logical CPUs{cores})")
@@ -150,6 +154,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             dashboard=args.dashboard,
             engine_cpus=args.engine_cpus,
             metrics_port=args.metrics_port,
+            ingress=config.router.ingress,
         )
         # ray.init installs its own TERM handler (it aborts the process): take the signals back after it.
         deploying.connect(state)
@@ -361,6 +366,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_validate)
     p = sub.add_parser("up", help="start the local Ray head (127.0.0.1)")
     with_cluster(p)
+    p.add_argument(
+        "--ingress",
+        choices=("python", "haproxy"),
+        default="python",
+        help="what listens on the HTTP port: Serve's Python proxy or its HAProxy ingress; must match the "
+        "router.ingress of the configs deployed onto this cluster",
+    )
     p.set_defaults(func=_cmd_up)
     p = sub.add_parser("down", help="stop the local cluster that `up` started")
     p.set_defaults(func=_cmd_down)

@@ -171,6 +171,12 @@ def deploy(
             f"{config.router.host}:{config.router.port}; `modelfleet keys create NAME` makes one"
         )
     check_local_engines(config)
+    if state.gcs_address != "in-process" and config.router.ingress != state.ingress:
+        raise ClusterError(
+            f"router.ingress is '{config.router.ingress}' but this cluster started with '{state.ingress}' (an "
+            f"ingress is a setting of the whole cluster): `modelfleet down`, then `modelfleet up --ingress "
+            f"{config.router.ingress}`, or set router.ingress: {state.ingress}"
+        )
     plan = plan_for(config, state.engine_cpus)
     connect(state)
     host, port = config.router.host, config.router.port

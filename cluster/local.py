@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -13,12 +14,14 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 from cluster import LOCAL_ONLY_ENV
 from cluster.auth_token import ray_auth_env
+from cluster.haproxy_local import haproxy_folder, local_haproxy_env
 from deployments import cpus
 from deployments.api.proxy_middleware import PROXY_ENV
-from deployments.plan import RAY_ENV
+from deployments.plan import RAY_ENV, ingress_env
 from models.settings import get_settings
 
 __all__ = ["ClusterError", "ClusterState", "down", "free_port", "read_state", "settle_cpus", "up"]
@@ -51,6 +54,7 @@ class ClusterState:
     dashboard_port: int | None = None
     engine_cpus: str | None = None  # cores kept for engine compute; Ray's processes run on the others
     metrics_port: int | None = None  # Ray's metrics export port (Prometheus format) on 127.0.0.1
+    ingress: str = "python"  # what listens on the HTTP port (router.ingress): Serve's Python proxy or HAProxy
 
     @property
     def alive(self) -> bool:
@@ -127,6 +131,7 @@ def up(
     dashboard: bool = False,
     engine_cpus: str = "auto",
     metrics_port: int | None = None,
+    ingress: Literal["python", "haproxy"] = "python",
     timeout_s: float = 120.0,
 ) -> ClusterState:
     """Start a local Ray head bound to 127.0.0.1 (or return the one already running).
@@ -142,6 +147,9 @@ def up(
             (`cluster.auth_token`).
         metrics_port: the port on 127.0.0.1 where Ray exports the node's metrics (Ray's, Serve's and the app's,
             in Prometheus format) for a Prometheus to scrape; default: a free port. Recorded in the state.
+        ingress: `router.ingress` of the configs this cluster will serve: 'python' (Serve's proxy) or 'haproxy'
+            (Serve's HAProxy ingress, kept to this cluster and to loopback: `cluster.haproxy_local`). A setting
+            of Ray's processes, so of the whole cluster; recorded in the state.
         timeout_s: how long to wait for the head to come up.
 
     Returns:
@@ -191,6 +199,12 @@ def up(
     env.update(PROXY_ENV)  # Serve's proxy answers undecodable headers with a 400 (deployments.api.proxy_middleware)
     env.update(LOCAL_ONLY_ENV)  # its processes dial each other on 127.0.0.1 (see cluster/__init__.py)
     env.update(_STARTUP_ENV)
+    env.update(ingress_env(ingress))
+    if ingress == "haproxy":
+        try:
+            env.update(local_haproxy_env(temp_dir))
+        except RuntimeError as exc:
+            raise ClusterError(str(exc)) from None
     env.update(ray_auth_env(settings.home))  # token auth stays on, with the cluster's own token
     if split is not None:
         logger.info("local cluster: %s", split.describe())
@@ -213,6 +227,7 @@ def up(
         dashboard_port=dashboard_port,
         metrics_port=metrics_port,
         engine_cpus=cpus.format_cpu_list(split.engine) if split is not None else None,
+        ingress=ingress,
     )
     _state_path().write_text(json.dumps(asdict(state)))
     return state
@@ -255,5 +270,7 @@ def down(timeout_s: float = 60.0) -> bool:
         os.killpg(pgid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    if state.ingress == "haproxy":
+        shutil.rmtree(haproxy_folder(Path(state.temp_dir)), ignore_errors=True)
     _state_path().unlink(missing_ok=True)
     return True

