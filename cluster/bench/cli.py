@@ -12,10 +12,12 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
-from cluster.bench import report
-from cluster.bench.options import build_parser, parse_options
-from cluster.bench.run import check_tokens, run_all
+from cluster.bench import prefix_report, report
+from cluster.bench.load import LoadPlan
+from cluster.bench.options import BenchOptions, build_parser, parse_options
+from cluster.bench.run import check_tokens, run_all, run_routing_compare
 from cluster.bench.systems.process import BenchError
 from deployments.config import ConfigError
 
@@ -48,7 +50,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Both, explicitly: a process started in the background begins with SIGINT ignored, and ray.init
     # replaces the TERM handler (modelfleet_cluster puts this one back).
     previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    uptime_before = _uptime()
     try:
+        if options.routing_compare:
+            results = run_routing_compare(options, plan)
+            return _routing_report(options, argv, plan, results, uptime_before)
         results = run_all(
             list(options.compare),
             plan,
@@ -84,6 +90,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         report.write_png(results, options.out_png)
     if options.out_md:
         report.write_markdown_section(options.out_md, options.md_title, results)
+    return _token_exit(mismatches)
+
+
+def _uptime() -> str:
+    """`uptime`'s line (the load averages), read from /proc."""
+    load = " ".join(Path("/proc/loadavg").read_text().split()[:3]) if Path("/proc/loadavg").exists() else "?"
+    return f"load average {load}"
+
+
+def _routing_report(
+    options: BenchOptions, argv: list[str], plan: LoadPlan, results: dict[str, Any], uptime_before: str
+) -> int:
+    """Print and write the `--routing-compare` report; the exit status as `main`'s."""
+    results["uptime_before"], results["uptime_after"] = uptime_before, _uptime()
+    results["command"] = shlex.join(["python", "-m", "cluster.bench", *argv])
+    results["plan"] = asdict(replace(plan, prompts=()))  # the workload's prompts: results["workload"]
+    results["machine"] = report.machine_info()
+    results["token_check"] = mismatches = check_tokens(results["systems"], plan)
+    print(prefix_report.routing_table(results["systems"]))
+    if options.out_json:
+        options.out_json.write_text(json.dumps(results, indent=2) + "\n")
+    if options.out_md:
+        title = options.md_title if "md_title" in options.model_fields_set else prefix_report.ROUTING_TITLE
+        prefix_report.write_routing_section(options.out_md, title, results)
+    return _token_exit(mismatches)
+
+
+def _token_exit(mismatches: list[str]) -> int:
     if mismatches:
         print(
             "error: ignore_eos is on, yet not every request returned exactly max_tokens tokens:\n  "

@@ -17,13 +17,18 @@ from cluster.bench.load import Level, LoadPlan, Mode
 __all__ = ["BASELINES", "TARGET", "Baseline", "BenchOptions", "add_arguments", "build_parser", "parse_options"]
 
 Baseline = Literal["vllm-server", "in-process"]
+RoutingPolicy = Literal["prefix", "pow2"]
 BASELINES: tuple[str, ...] = get_args(Baseline)
 TARGET = "modelfleet"
 USAGE = (
     "python -m cluster.bench --start-modelfleet CONFIG --model ID --compare vllm-server,in-process --concurrency 1,32"
 )
 _PLAN = LoadPlan()  # the load's defaults live on the plan; the options read them from there
-_LISTS = ("compare", "concurrency", "rate", "num_requests")
+_LISTS = ("compare", "concurrency", "rate", "num_requests", "routing_compare")
+# Options of --routing-compare only (refused without it).
+_ROUTING_ONLY = ("replicas", "prefix_groups", "prefix_repeats", "prefix_tokens", "kv_cache_gb")
+# Options --routing-compare sets itself (refused with it).
+_NOT_WITH_ROUTING = ("url", "compare", "num_requests", "prompt", "prompt_file", "vllm_bench", "config")
 
 
 def _cli(*, exclusive: str | None = None, metavar: str | None = None) -> dict[str, Any]:
@@ -103,6 +108,26 @@ class BenchOptions(BaseModel):
         "vLLM's own client (`vllm bench serve`, same prompts, max_tokens and ignore_eos); its numbers go "
         "beside ours (needs a model with a tokenizer)",
     )
+    routing_compare: tuple[RoutingPolicy, ...] = Field(
+        (),
+        description="measure --start-modelfleet's --model under each routing policy in turn (e.g. prefix,pow2): one "
+        "cluster, --replicas fresh replicas per policy (the app is deployed again), vLLM's prefix caching on, the "
+        "shared-prefix workload (--prefix-*), vLLM's prefix-cache hit rate from its counters; ratios to pow2",
+        json_schema_extra=_cli(metavar="LIST"),
+    )
+    replicas: int = Field(2, ge=1, description="--routing-compare: replicas of the model")
+    prefix_groups: int = Field(
+        24, ge=1, le=64, description="--routing-compare: groups of requests, each sharing a document of its own"
+    )
+    prefix_repeats: int = Field(
+        4, ge=1, description="--routing-compare: requests per group, sent in interleaved rounds"
+    )
+    prefix_tokens: int = Field(
+        1500, ge=16, description="--routing-compare: tokens of each group's shared document (the model's tokenizer)"
+    )
+    kv_cache_gb: float = Field(
+        2.0, gt=0, description="--routing-compare: vLLM's CPU KV cache per replica, GiB (cpu_kvcache_space_gb)"
+    )
     log_dir: Path | None = Field(None, description="where server logs go (default: a new temp folder)")
     out_json: Path | None = Field(None, description="write every sample and summary as JSON here")
     out_png: Path | None = Field(None, description="bar charts of output tok/s and TTFT p50 (needs matplotlib)")
@@ -144,7 +169,29 @@ class BenchOptions(BaseModel):
             raise ValueError("--vllm-bench measures generation: not with --mode embeddings")
         if self.url:
             check_loopback(self.url)
+        self._check_routing_compare()
         return self
+
+    def _check_routing_compare(self) -> None:
+        given = self.model_fields_set
+        if not self.routing_compare:
+            stray = [f"--{name.replace('_', '-')}" for name in _ROUTING_ONLY if name in given]
+            if stray:
+                raise ValueError(f"{', '.join(stray)} apply to --routing-compare only")
+            return
+        if not self.start_modelfleet:
+            raise ValueError("--routing-compare needs --start-modelfleet (it deploys the model once per policy)")
+        clash = [f"--{name.replace('_', '-')}" for name in _NOT_WITH_ROUTING if name in given]
+        if clash:
+            raise ValueError(
+                f"--routing-compare sends its own workload and measures one cluster: drop {', '.join(clash)}"
+            )
+        if len(set(self.routing_compare)) != len(self.routing_compare):
+            raise ValueError("--routing-compare: name each policy once")
+        if len(self.levels) != 1:
+            raise ValueError("--routing-compare measures one level: give one --concurrency or --rate")
+        if self.mode == "embeddings":
+            raise ValueError("--routing-compare measures prefill: not with --mode embeddings")
 
     @property
     def config_path(self) -> str | None:

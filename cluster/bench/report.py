@@ -13,7 +13,7 @@ from typing import Any
 
 from cluster.bench.options import TARGET
 
-__all__ = ["machine_info", "markdown_table", "write_markdown_section", "write_png"]
+__all__ = ["machine_info", "markdown_table", "replace_section", "write_markdown_section", "write_png"]
 
 _GIB = 1 << 30
 
@@ -171,14 +171,9 @@ def _requests_text(plan: dict[str, Any]) -> str:
 
 def write_markdown_section(path: Path, title: str, results: dict[str, Any]) -> None:
     """Write (or replace, by its markers) one section: machine, command, load, the table and notes."""
-    key = "".join(c if c.isalnum() else "-" for c in title.lower()).strip("-")
-    start, end = f"<!-- bench:{key}:start -->", f"<!-- bench:{key}:end -->"
     m, plan, spec = results["machine"], results["plan"], results.get("spec") or {}
     packages = ", ".join(f"{k} {v}" for k, v in m["packages"].items())
     lines = [
-        start,
-        f"## {title}",
-        "",
         f"- machine: {m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB, Python {m['python']}, {m['os']}; "
         + f"{packages}; {m['date']}",
         f"- command: `{results['command']}`",
@@ -193,9 +188,15 @@ def write_markdown_section(path: Path, title: str, results: dict[str, Any]) -> N
         "",
         "Ratios are modelfleet / baseline. Time to ready: start to the first real answer. Idle memory: the whole "
         + "process tree after that answer (RSS counts shared pages in every process, PSS splits them).",
-        end,
     ]
-    section = "\n".join(lines) + "\n"
+    replace_section(path, title, lines)
+
+
+def replace_section(path: Path, title: str, lines: list[str]) -> None:
+    """Write (or replace, by its markers, keyed by the title) the section `## title` with `lines` as its body."""
+    key = "".join(c if c.isalnum() else "-" for c in title.lower()).strip("-")
+    start, end = f"<!-- bench:{key}:start -->", f"<!-- bench:{key}:end -->"
+    section = "\n".join([start, f"## {title}", "", *lines, end]) + "\n"
     text = path.read_text() if path.exists() else ""
     if start in text and end in text:
         head, rest = text.split(start, 1)

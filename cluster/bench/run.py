@@ -15,7 +15,8 @@ from typing import Any
 from cluster.bench.client import run_load
 from cluster.bench.crosscheck import run_vllm_bench
 from cluster.bench.load import LoadPlan, level_label
-from cluster.bench.options import TARGET
+from cluster.bench.options import TARGET, BenchOptions
+from cluster.bench.prefix import RoutingCompare, compare_policies
 from cluster.bench.stats import token_mismatches
 from cluster.bench.systems.in_process import run_in_process
 from cluster.bench.systems.modelfleet import modelfleet_cluster
@@ -26,7 +27,7 @@ from deployments.config import load_config
 from deployments.plan import RAY_ENV
 from models.spec import ModelSpec
 
-__all__ = ["check_tokens", "run_all"]
+__all__ = ["check_tokens", "run_all", "run_routing_compare"]
 
 
 @dataclass(frozen=True)
@@ -176,6 +177,42 @@ def run_all(
         "spec": spec.model_dump(mode="json") if spec else None,
         "systems": [asdict(r) for r in results],
     }
+
+
+def run_routing_compare(options: BenchOptions, plan: LoadPlan) -> dict[str, Any]:
+    """`--routing-compare`: the --start-modelfleet config's model measured under each policy in turn, in one
+    cluster, on the core split `modelfleet up` makes (`cluster.bench.prefix`).
+
+    Raises:
+        BenchError: bad `--engine-cpus`, the model is missing or unfit, or a deploy failed.
+        ConfigError: the config cannot be read or is invalid.
+    """
+    try:
+        split = cpus.plan_cpus(options.engine_cpus, ALL_CPUS)
+    except ValueError as exc:
+        raise BenchError(f"--engine-cpus: {exc}") from None
+    config = load_config(str(options.start_modelfleet))
+    compare = RoutingCompare(
+        policies=options.routing_compare,
+        replicas=options.replicas,
+        groups=options.prefix_groups,
+        repeats=options.prefix_repeats,
+        prefix_tokens=options.prefix_tokens,
+        kv_cache_gb=options.kv_cache_gb,
+    )
+    with _cpu_split(split):
+        results = compare_policies(
+            config,
+            options.model,
+            plan,
+            compare,
+            ready_timeout_s=options.ready_timeout,
+            num_cpus=options.num_cpus,
+            engine_cpus=cpus.format_cpu_list(split.engine) if split else None,
+            progress=options.progress,
+        )
+    results["cpus"] = f"{split.describe()}; the load generator on the serving cores" if split else None
+    return results
 
 
 @contextmanager
