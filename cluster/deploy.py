@@ -186,9 +186,13 @@ def deploy(
     elif not _port_free(host, port):
         raise ClusterError(f"{host}:{port} is already in use: stop what listens there or set router.port")
     deadline = time.monotonic() + timeout_s
-    starter, start_failed = _start_serve(http_options)
+    # Imports happen here, before Serve starts in a second thread: two threads importing pydantic.v1 at once
+    # (ours through deployments.app, Serve's when Ray builds its serialization context) once failed with
+    # KeyError: 'pydantic.v1' on a fresh machine.
     from deployments.app import build_app_from_plan
 
+    _prime_serialization()
+    starter, start_failed = _start_serve(http_options)
     application = build_app_from_plan(plan)  # while Serve's controller starts
     _record(plan)  # before it runs, so `modelfleet status` can explain an app that stays pending
     record_config(config)
@@ -246,6 +250,14 @@ def deploy(
     tls = config.router.tls
     wait_ready(base, timeout_s=max(deadline - time.monotonic(), 30.0), cafile=tls.certfile if tls else None)
     return base
+
+
+def _prime_serialization() -> None:
+    """Build Ray's serialization context of this driver now, in this thread: building it imports pydantic.v1
+    and starlette (Ray's serializer add-ons), which must not race another thread's imports."""
+    import ray
+
+    ray._private.worker.global_worker.get_serialization_context()
 
 
 def _start_serve(http_options: dict[str, Any]) -> tuple[threading.Thread, list[BaseException]]:
