@@ -13,6 +13,8 @@ loops, vLLM's scheduler) is the serving layer. Two levers keep the serving layer
 - **Priority.** Serving processes whose engine computes in another process (vLLM) and the router lower
   their own priority (`nice`), so the engine's processes win the CPU when it is contended. Raising one's
   niceness needs no privilege; Ray's workers start at `RAY_worker_niceness` (15 unless the launcher sets 0).
+  vLLM's engine-core process busy-waits on its model worker, so it goes to the engine cores with the worker
+  (`VLLMEngine._pin_engine_core`) rather than starve the serving processes behind it.
 
 Plain `os` calls, Linux semantics; a platform without them gets no placement and no error.
 """
@@ -30,6 +32,7 @@ __all__ = [
     "lower_priority",
     "parse_cpu_list",
     "pin_current_thread",
+    "pin_process",
     "pin_process_tree",
     "plan_cpus",
     "usable_cpus",
@@ -163,6 +166,26 @@ def pin_process_tree(root_pid: int, plan: CpuPlan, *, include_root: bool = True)
                 moved += 1
             except OSError:  # the thread ended meanwhile
                 continue
+    return moved
+
+
+def pin_process(pid: int, cores: frozenset[int]) -> int:
+    """Move every thread of process `pid` onto `cores` (threads it starts later inherit them).
+
+    Returns:
+        How many threads were moved (0 for a process that is gone, or off Linux).
+    """
+    try:
+        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        return 0
+    moved = 0
+    for tid in tids:
+        try:
+            os.sched_setaffinity(tid, cores)
+            moved += 1
+        except OSError:  # the thread ended meanwhile
+            continue
     return moved
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import re
 import threading
 import time
@@ -18,6 +19,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from deployments import cpus
 from deployments.engines.protocol import (
     ChatMessage,
     GenerateChunk,
@@ -537,6 +539,29 @@ def test_auto_tool_calls_are_read_by_vllms_parser(tokenizer: Any, engine: VLLMEn
     assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "Paris"} and call.id
     assert content.strip() == "Let me see."
     assert reader.finish_reason("stop") == "tool_calls"
+
+
+def test_engine_core_moves_to_the_engine_cores(loop: LoopThread, engine: VLLMEngine) -> None:
+    """With an engine/serving split, vLLM's busy-waiting engine core goes to the engine cores (beside its worker), and
+    the engine still answers; vLLM's model worker keeps the placement vLLM gave it."""
+    core = next(p for p in engine._processes if p.name().startswith("VLLM::EngineCor"))
+    others = {p.pid: p.cpu_affinity() for p in engine._processes if p.pid != core.pid}
+    before = frozenset(core.cpu_affinity())
+    first = min(os.sched_getaffinity(0))
+    plan = engine.plan
+    engine.plan = plan.model_copy(update={"cpus": str(first)})
+    try:
+        engine._pin_engine_core()
+        placed = {thread.id: frozenset(os.sched_getaffinity(thread.id)) for thread in core.threads()}
+        assert placed and set(placed.values()) == {frozenset({first})}, placed
+        assert {p.pid: p.cpu_affinity() for p in engine._processes if p.pid != core.pid} == others
+        chunks = loop.run(_collect(engine, _request(max_tokens=4, temperature=0.0)))
+        assert chunks[-1].completion_tokens == 4
+    finally:
+        engine.plan = plan
+        cpus.pin_process(core.pid, before)
+    engine._pin_engine_core()  # no split in the plan: nothing moves
+    assert frozenset(core.cpu_affinity()) == before
 
 
 def test_killed_engine_core_is_reported_dead(loop: LoopThread, engine: VLLMEngine) -> None:

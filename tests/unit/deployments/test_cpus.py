@@ -94,3 +94,31 @@ stop.set(); t.join(10)
     base = os.getpriority(os.PRIO_PROCESS, 0)
     assert out[0] == str([max(5, base)])
     assert out[1] == f"[{max(5, base)}] {max(5, base)}"
+
+
+def test_pin_process_moves_every_thread_of_another_process() -> None:
+    # A child with a second thread: both move, and the child's later threads inherit the cores.
+    script = """
+import os, sys, threading
+stop = threading.Event()
+t = threading.Thread(target=stop.wait, args=(30,)); t.start()
+print("ready", flush=True); sys.stdin.readline()
+later = []
+t2 = threading.Thread(target=lambda: later.append(sorted(os.sched_getaffinity(0)))); t2.start(); t2.join(10)
+print(later[0], flush=True); stop.set(); t.join(10)
+"""
+    target = frozenset({min(cpus.usable_cpus())})
+    child = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdin is not None
+        assert child.stdout.readline().strip() == "ready"
+        tids = os.listdir(f"/proc/{child.pid}/task")
+        assert cpus.pin_process(child.pid, target) == len(tids) >= 2
+        assert {frozenset(os.sched_getaffinity(int(tid))) for tid in tids} == {target}
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        assert child.stdout.readline().strip() == str(sorted(target))
+    finally:
+        child.kill()
+        child.wait(timeout=30)
+    assert cpus.pin_process(child.pid, target) == 0  # gone: nothing to move
