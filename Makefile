@@ -59,7 +59,7 @@ k8s: install
 
 # Side-by-side numbers for docs/benchmarks.md: modelfleet vs vLLM's own server vs the engine in-process
 # (SmolLM2, cross-checked with vLLM's own load client), and MiniLM embeddings vs the transformers engine's own
-# batching in-process.
+# batching in-process, and SmolLM2 on the transformers engine (continuous batching) vs the same engine in-process.
 BENCH_ARGS ?= --concurrency 1,32 --num-requests 16,96 --max-tokens 64
 BENCH_EMBED_ARGS ?= --concurrency 1,32
 bench: install
@@ -77,6 +77,10 @@ bench: install
 		--model minilm --mode embeddings --compare in-process $(BENCH_EMBED_ARGS) --num-requests 100,1000 \
 		--log-dir /tmp/modelfleet-bench-logs --out-md docs/benchmarks.md \
 		--md-title "MiniLM embeddings of short queries (22 tokens): modelfleet vs the engine in-process"
+	HF_HUB_OFFLINE=1 $(VENV)/bin/modelfleet bench --start-modelfleet deployments/configs/smollm2-transformers.yaml \
+		--model smollm2 --compare in-process --concurrency 1,8 --num-requests 16 --max-tokens 32 \
+		--log-dir /tmp/modelfleet-bench-logs --out-md docs/benchmarks.md \
+		--md-title "SmolLM2-135M on the transformers engine: in-process vs through the HTTP API"
 
 # Prefix-affine routing against pow2 (issue 11): SmolLM2 on 2 vLLM replicas with prefix caching, 24 shared
 # documents of 1,500 tokens x 4 requests each; TTFT and vLLM's own prefix-cache hit rate per policy.

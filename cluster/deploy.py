@@ -29,8 +29,10 @@ __all__ = [
     "DeploymentRow",
     "connect",
     "deploy",
+    "start_serve",
     "status",
     "stop_serving",
+    "wait_controller",
     "wait_ready",
 ]
 
@@ -186,17 +188,13 @@ def deploy(
     elif not _port_free(host, port):
         raise ClusterError(f"{host}:{port} is already in use: stop what listens there or set router.port")
     deadline = time.monotonic() + timeout_s
-    # Imports happen here, before Serve starts in a second thread: two threads importing pydantic.v1 at once
-    # (ours through deployments.app, Serve's when Ray builds its serialization context) once failed with
-    # KeyError: 'pydantic.v1' on a fresh machine.
     from deployments.app import build_app_from_plan
 
-    _prime_serialization()
-    starter, start_failed = _start_serve(http_options)
+    starter, start_failed = start_serve(http_options)
     application = build_app_from_plan(plan)  # while Serve's controller starts
     _record(plan)  # before it runs, so `modelfleet status` can explain an app that stays pending
     record_config(config)
-    _wait_controller(start_failed, deadline)
+    wait_controller(start_failed, deadline)
     last_line = ""
     stuck_since: float | None = None
     outcome: list[BaseException | None] = []
@@ -252,24 +250,26 @@ def deploy(
     return base
 
 
-def _prime_serialization() -> None:
-    """Build Ray's serialization context of this driver now, in this thread: building it imports pydantic.v1
-    and starlette (Ray's serializer add-ons), which must not race another thread's imports."""
-    import ray
-
-    ray._private.worker.global_worker.get_serialization_context()
-
-
-def _start_serve(http_options: dict[str, Any]) -> tuple[threading.Thread, list[BaseException]]:
+def start_serve(http_options: dict[str, Any]) -> tuple[threading.Thread, list[BaseException]]:
     """Start Serve in the background (issue 14): serve.start returns only once Serve's proxy is up too, 1-2 s
     here, and the app's replicas need only the controller, so the app goes in while the proxy starts (serve.run
-    finds the controller and uses it). `_wait_controller` waits for the controller.
+    finds the controller and uses it). `wait_controller` waits for the controller. `modelfleet deploy` and the
+    bench's cluster start Serve this way.
+
+    What the app needs is imported first, in this thread, and Ray's serialization context of this driver built:
+    building it imports pydantic.v1 and starlette (Ray's serializer add-ons), and two threads importing
+    pydantic.v1 at once (ours through deployments.app, Serve's through that context) once failed a deploy with
+    KeyError: 'pydantic.v1'.
 
     Returns:
         The thread running serve.start, and a list that receives its error if it fails.
     """
+    import ray
     from ray import serve
 
+    import deployments.app  # noqa: F401 - imported before the second thread starts
+
+    ray._private.worker.global_worker.get_serialization_context()
     failed: list[BaseException] = []
 
     def start() -> None:
@@ -283,11 +283,11 @@ def _start_serve(http_options: dict[str, Any]) -> tuple[threading.Thread, list[B
     return starter, failed
 
 
-def _wait_controller(failed: list[BaseException], deadline: float) -> None:
+def wait_controller(failed: list[BaseException], deadline: float) -> None:
     """Return once Serve's controller answers.
 
     Raises:
-        ClusterError: Serve failed to start (`failed`, from `_start_serve`), or its controller did not answer by
+        ClusterError: Serve failed to start (`failed`, from `start_serve`), or its controller did not answer by
             `deadline` (monotonic).
     """
     from ray import serve

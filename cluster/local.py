@@ -24,7 +24,7 @@ from deployments.api.proxy_middleware import PROXY_ENV
 from deployments.plan import RAY_ENV, ingress_env
 from models.settings import get_settings
 
-__all__ = ["ClusterError", "ClusterState", "down", "free_port", "read_state", "settle_cpus", "up"]
+__all__ = ["CLUSTER_ENV", "ClusterError", "ClusterState", "down", "free_port", "read_state", "settle_cpus", "up"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +34,11 @@ _STATE_FILE = "cluster.json"
 # (the repo as working_dir), which an idle worker lacks. They only took both cores, and both worker-start slots,
 # while the controller's own worker started (issue 14).
 _STARTUP_ENV = {"RAY_prestart_worker_first_driver": "0"}
+#: The environment every Ray process of a local cluster gets (besides its ingress' and its token): the plan's
+#: `RAY_ENV`; Serve's proxy answering undecodable headers with a 400 (deployments.api.proxy_middleware); its
+#: processes dialling each other on 127.0.0.1 (see cluster/__init__.py); no idle workers at start. The bench's
+#: cluster gets it too.
+CLUSTER_ENV = {**RAY_ENV, **PROXY_ENV, **LOCAL_ONLY_ENV, **_STARTUP_ENV}
 # Ray puts unix sockets at <temp dir>/session_<date>_<time>_<usec>_<pid>/sockets/plasma_store: 63 more bytes.
 _MAX_TEMP_DIR_CHARS = 44
 
@@ -195,10 +200,7 @@ def up(
     except ValueError as exc:
         raise ClusterError(f"--engine-cpus: {exc}") from None
     env = {key: value for key, value in os.environ.items() if key != "RAY_AUTH_TOKEN"}
-    env.update(RAY_ENV)
-    env.update(PROXY_ENV)  # Serve's proxy answers undecodable headers with a 400 (deployments.api.proxy_middleware)
-    env.update(LOCAL_ONLY_ENV)  # its processes dial each other on 127.0.0.1 (see cluster/__init__.py)
-    env.update(_STARTUP_ENV)
+    env.update(CLUSTER_ENV)
     env.update(ingress_env(ingress))
     if ingress == "haproxy":
         try:

@@ -22,9 +22,9 @@ from cluster.bench.systems.in_process import run_in_process
 from cluster.bench.systems.modelfleet import modelfleet_cluster
 from cluster.bench.systems.process import ALL_CPUS, BenchError, Started, SystemResult
 from cluster.bench.systems.vllm_server import vllm_server
+from cluster.local import CLUSTER_ENV
 from deployments import cpus
 from deployments.config import load_config
-from deployments.plan import RAY_ENV
 from models.spec import ModelSpec
 
 __all__ = ["check_tokens", "run_all", "run_routing_compare"]
@@ -217,10 +217,10 @@ def run_routing_compare(options: BenchOptions, plan: LoadPlan) -> dict[str, Any]
 
 @contextmanager
 def _cpu_split(split: cpus.CpuPlan | None) -> Iterator[None]:
-    """Give Ray's processes the environment `modelfleet up` gives them (`RAY_ENV`), and pin this thread, the load
-    generator, to the serving cores; undo both when the block ends. `modelfleet_cluster` starts Ray on all cores,
-    then moves it."""
-    env = dict(RAY_ENV)
+    """Give Ray's processes the environment `modelfleet up` gives them (`CLUSTER_ENV`), and pin this thread, the
+    load generator, to the serving cores; undo both when the block ends. `modelfleet_cluster` starts Ray on all
+    cores, then moves it."""
+    env = dict(CLUSTER_ENV)
     saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)
     before = cpus.usable_cpus()

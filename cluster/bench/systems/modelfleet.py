@@ -42,7 +42,8 @@ def modelfleet_cluster(
     from ray import serve
 
     from cluster.auth_token import use_token
-    from cluster.local import free_port
+    from cluster.deploy import start_serve, wait_controller
+    from cluster.local import ClusterError, free_port
     from deployments.app import build_app_from_plan
 
     spec = config.model(model_id)
@@ -74,12 +75,17 @@ def modelfleet_cluster(
         if threading.current_thread() is threading.main_thread():
             for sig, handler in handlers.items():  # ray.init's TERM handler would abort the process
                 signal.signal(sig, handler)
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        failure: list[BaseException] = []
+        # As `modelfleet deploy` starts Serve: the app goes in while Serve's proxy starts.
+        _, failure = start_serve({"host": "127.0.0.1", "port": port})
+        application = build_app_from_plan(deployment)
+        try:
+            wait_controller(failure, time.monotonic() + ready_timeout_s)
+        except ClusterError as exc:
+            raise BenchError(str(exc)) from exc
 
         def deploy() -> None:
             try:
-                serve.run(build_app_from_plan(deployment), name=config.name, route_prefix="/")
+                serve.run(application, name=config.name, route_prefix="/")
             except Exception as exc:  # noqa: BLE001 - reported by the waiting loop below
                 failure.append(exc)
 

@@ -36,6 +36,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[3]
 _GIB = 1 << 30
 SETTLE_S = 3.0  # after the first answer, before idle memory is read
 _STOP_TIMEOUT_S = 20.0
+_POLL_S = 0.25  # readiness polls, every system alike (a 1 s poll added up to a second to a time to ready)
 # No hub, no usage reports: the children of a benchmark never leave the machine.
 _CHILD_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
 # Every core this process may use, read before `run_all` pins it: baselines start on all of them, as they would
@@ -196,5 +197,5 @@ def wait_answer(
                 last = f"{response.status_code}: {response.text[:200]}"
             except httpx.HTTPError as exc:
                 last = f"{type(exc).__name__}: {exc}"
-            time.sleep(1.0)
+            time.sleep(_POLL_S)
     raise BenchError(f"{base_url} gave no real answer in {timeout_s:.0f} s (last: {last})")
