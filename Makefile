@@ -77,6 +77,10 @@ bench: install
 		--model minilm --mode embeddings --compare in-process $(BENCH_EMBED_ARGS) --num-requests 100,1000 \
 		--log-dir /tmp/modelfleet-bench-logs --out-md docs/benchmarks.md \
 		--md-title "MiniLM embeddings of short queries (22 tokens): modelfleet vs the engine in-process"
+	HF_HUB_OFFLINE=1 $(VENV)/bin/modelfleet bench --start-modelfleet deployments/configs/default.yaml \
+		--model minilm --mode embeddings --compare in-process $(BENCH_EMBED_ARGS) --num-requests 100,1000 \
+		--ingress haproxy --log-dir /tmp/modelfleet-bench-logs --out-md docs/benchmarks.md \
+		--md-title "MiniLM embeddings of short queries (22 tokens) through the HAProxy ingress: modelfleet vs the engine in-process"
 	HF_HUB_OFFLINE=1 $(VENV)/bin/modelfleet bench --start-modelfleet deployments/configs/smollm2-transformers.yaml \
 		--model smollm2 --compare in-process --concurrency 1,8 --num-requests 16 --max-tokens 32 \
 		--log-dir /tmp/modelfleet-bench-logs --out-md docs/benchmarks.md \

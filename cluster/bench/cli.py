@@ -68,6 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress=options.progress,
             engine_cpus=options.engine_cpus,
             vllm_bench=options.vllm_bench,
+            ingress=options.ingress,
         )
     except (BenchError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)

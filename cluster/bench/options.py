@@ -5,6 +5,7 @@ command's argparse flags are generated, and which compiles into the `LoadPlan` e
 from __future__ import annotations
 
 import argparse
+import types
 import typing
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
@@ -102,6 +103,11 @@ class BenchOptions(BaseModel):
         "cores in every run",
         json_schema_extra=_cli(metavar="auto|off|LIST"),
     )
+    ingress: Literal["python", "haproxy"] | None = Field(
+        None,
+        description="what listens on the HTTP port of the --start-modelfleet cluster, as `modelfleet up --ingress` "
+        "(default: the config's router.ingress)",
+    )
     vllm_bench: bool = Field(
         False,
         description="cross-check: after our load client, measure every HTTP system again at each level with "
@@ -169,6 +175,8 @@ class BenchOptions(BaseModel):
             raise ValueError("--vllm-bench measures generation: not with --mode embeddings")
         if self.url:
             check_loopback(self.url)
+        if self.ingress is not None and not self.start_modelfleet:
+            raise ValueError("--ingress sets up the --start-modelfleet cluster: give --start-modelfleet")
         self._check_routing_compare()
         return self
 
@@ -264,6 +272,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             if info.default not in (None, (), ""):
                 kwargs["help"] += f" (default: {_default_text(info.default)})"
         annotation = info.annotation
+        if get_origin(annotation) in (typing.Union, types.UnionType):  # `X | None`: the flag takes an X
+            args = [arg for arg in get_args(annotation) if arg is not type(None)]
+            annotation = args[0] if len(args) == 1 else annotation
         if annotation is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:

@@ -169,6 +169,16 @@ def _requests_text(plan: dict[str, Any]) -> str:
     return "requests per level: " + ", ".join(f"{n} at {label}" for label, n in zip(labels, counts, strict=True))
 
 
+def _ingress(results: dict[str, Any]) -> str | None:
+    """What listened on the HTTP port of the modelfleet cluster the bench started (None: no such cluster)."""
+    for system in results["systems"]:
+        config = (system.get("info") or {}).get("config")
+        if system["name"] == TARGET and config:
+            ingress = config["router"]["ingress"]
+            return "Serve's HAProxy (router.ingress: haproxy)" if ingress == "haproxy" else "Serve's Python proxy"
+    return None
+
+
 def write_markdown_section(path: Path, title: str, results: dict[str, Any]) -> None:
     """Write (or replace, by its markers) one section: machine, command, load, the table and notes."""
     m, plan, spec = results["machine"], results["plan"], results.get("spec") or {}
@@ -183,6 +193,7 @@ def write_markdown_section(path: Path, title: str, results: dict[str, Any]) -> N
         + f"(at most {plan['duration_s']} s per level), "
         + f"{plan['warmup']} uncounted warm-up requests per level",
         *([f"- cores: {results['cpus']}"] if results.get("cpus") else []),
+        *([f"- modelfleet's ingress: {ingress}"] if (ingress := _ingress(results)) else []),
         "",
         markdown_table(results["systems"], plan["mode"]),
         "",

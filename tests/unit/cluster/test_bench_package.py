@@ -125,6 +125,8 @@ def test_list_options_parse_and_compile_into_the_plan() -> None:
         (["--url", "http://127.0.0.1:9", "--model", "m", "--concurrency", "1", "--rate", "2"], "not allowed with"),
         (["--url", "http://127.0.0.1:9", "--model", "m", "--mode", "embeddings", "--vllm-bench"], "generation"),
         (["--url", "http://127.0.0.1:9", "--model", "m", "--max-tokens", "many"], "--max-tokens"),
+        (["--url", "http://127.0.0.1:9", "--model", "m", "--ingress", "haproxy"], "give --start-modelfleet"),
+        (["--start-modelfleet", "c.yaml", "--model", "m", "--ingress", "nginx"], "invalid choice"),
     ],
 )
 def test_bad_command_lines_exit_2_with_the_reason(
@@ -142,3 +144,16 @@ def test_the_modelfleet_command_has_the_same_flags() -> None:
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     bench = sub.choices["bench"]
     assert {a.dest for a in bench._actions} == {a.dest for a in build_parser()._actions}
+
+
+def test_ingress_replaces_the_configs() -> None:
+    from cluster.bench.run import with_ingress
+    from deployments.config import ServingConfig
+
+    config = ServingConfig.model_validate({"models": [{"id": "e", "task": "generate", "engine": "echo"}]})
+    assert config.router.ingress == "python"
+    assert with_ingress(config, "haproxy").router.ingress == "haproxy"
+    assert with_ingress(config, None) is config
+    options = parse_options(["--start-modelfleet", "c.yaml", "--model", "m", "--ingress", "haproxy"])
+    assert options.ingress == "haproxy"
+    assert parse_options(["--start-modelfleet", "c.yaml", "--model", "m"]).ingress is None

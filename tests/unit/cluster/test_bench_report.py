@@ -202,3 +202,16 @@ def test_token_check_reads_both_clients() -> None:
         "modelfleet c=1 (vllm bench serve): 14-16 tokens, not 16",
     ]
     assert check_tokens(systems, LoadPlan(max_tokens=16, ignore_eos=False)) == []
+
+
+def test_markdown_names_the_ingress_of_the_cluster_it_started(tmp_path: Path) -> None:
+    doc = tmp_path / "bench.md"
+    report.write_markdown_section(doc, "Overhead", _results())  # --url: no cluster of ours, no line
+    assert "ingress" not in doc.read_text()
+    results = _results()
+    results["systems"][1]["info"] = {"config": {"router": {"ingress": "haproxy"}}}
+    report.write_markdown_section(doc, "Overhead", results)
+    assert "- modelfleet's ingress: Serve's HAProxy (router.ingress: haproxy)" in doc.read_text()
+    results["systems"][1]["info"] = {"config": {"router": {"ingress": "python"}}}
+    report.write_markdown_section(doc, "Overhead", results)
+    assert "- modelfleet's ingress: Serve's Python proxy" in doc.read_text()
