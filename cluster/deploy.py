@@ -284,22 +284,30 @@ def start_serve(http_options: dict[str, Any]) -> tuple[threading.Thread, list[Ba
 
 
 def wait_controller(failed: list[BaseException], deadline: float) -> None:
-    """Return once Serve's controller answers.
+    """Return once Serve's controller exists and answers; this driver is then connected to it, so `serve.run`
+    uses it.
+
+    Waiting for the controller's named actor matters: `serve.status()` answers an empty status while there is no
+    controller yet, and a `serve.run` started then creates a second controller, which fails with "Actor with name
+    'SERVE_CONTROLLER_ACTOR' already exists" in one thread or the other (seen once in the bench).
 
     Raises:
         ClusterError: Serve failed to start (`failed`, from `start_serve`), or its controller did not answer by
             `deadline` (monotonic).
     """
+    import ray
     from ray import serve
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
     from ray.serve.exceptions import RayServeException
 
     while time.monotonic() < deadline:
         if failed:
             raise ClusterError(f"Serve did not start: {failed[0]}") from failed[0]
         try:
-            serve.status()  # answers once the controller runs (it blocks while the actor initialises)
+            ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+            serve.status()  # connects to it; blocks while the actor initialises
             return
-        except RayServeException:  # no controller yet
+        except (ValueError, RayServeException):  # not created yet
             time.sleep(0.05)
     raise ClusterError("Serve's controller did not start in time")
 
