@@ -2,7 +2,7 @@
 
 On a CPU node the engine's compute (vLLM's model worker, the transformers batch thread) is what limits
 throughput; everything else (Ray's daemons, Serve's proxy and controller, the router, the replicas' asyncio
-loops, vLLM's scheduler) is the serving layer. Two levers keep the serving layer out of the engine's way:
+loops) is the serving layer. Two levers keep the serving layer out of the engine's way:
 
 - **Engine cores.** A launcher that owns the node (`modelfleet up`/`deploy`, `modelfleet bench`) splits its
   cores; the deployment plan (`deployments.plan`) hands the engine cores to every engine, which moves its
