@@ -88,6 +88,15 @@ def _run(podman: list[str], *args: str, timeout: float = 120) -> str:
     return proc.stdout.strip()
 
 
+def _user(pod: dict[str, Any], container: dict[str, Any]) -> list[str]:
+    """The pod's runAsUser/runAsGroup (the container's own win), as a kubelet applies them; none: the image's."""
+    context = {**pod.get("securityContext", {}), **container.get("securityContext", {})}
+    if "runAsUser" not in context:
+        return []
+    group = f":{context['runAsGroup']}" if "runAsGroup" in context else ""
+    return [f"--user={context['runAsUser']}{group}"]
+
+
 def _scaled_limits(container: dict[str, Any], cpu_scale: float) -> tuple[str, int]:
     limits = container["resources"]["limits"]
     cpus = quantity(limits["cpu"]) * cpu_scale
@@ -133,10 +142,11 @@ def pods(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pods]:
         _run(podman, "secret", "create", secret, str(token_file))
         created.append(("secret", "rm", secret))
         head_port = int(head_spec["rayStartParams"].get("port", DEFAULT_HEAD_PORT))
-        for name, container, params, node_type, group_name in [
-            (head, head_container, head_spec["rayStartParams"], "head", "headgroup"),
-            *[(w, worker_container, group["rayStartParams"], "worker", group["groupName"]) for w in workers],
+        for name, container, spec, node_type, group_name in [
+            (head, head_container, head_spec, "head", "headgroup"),
+            *[(w, worker_container, group, "worker", group["groupName"]) for w in workers],
         ]:
+            params = spec["rayStartParams"]
             cpus, memory = _scaled_limits(container, cpu_scale)
             start = ray_start_command(
                 node_type, params, {"cpu": cpus, "memory": memory}, head_host=head, head_port=head_port
@@ -155,8 +165,7 @@ def pods(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pods]:
             pod = [
                 "--network",
                 network,
-                "--user",
-                "1000:1000",
+                *_user(spec["template"]["spec"], container),
                 f"--ulimit=nofile={OPEN_FILES}:{OPEN_FILES}",
                 f"--ulimit=nproc={OPEN_FILES}:{OPEN_FILES}",
                 f"--secret={secret},type=env,target=RAY_AUTH_TOKEN",
