@@ -130,7 +130,8 @@ class BatchesConfig(FrozenModel):
     enabled: bool = Field(
         True,
         description="Serve `/v1/files` and `/v1/batches`. A batch runs as a Ray job, so the cluster needs Ray's job "
-        "API (its dashboard: `modelfleet up --dashboard`); without it creating a batch answers 503.",
+        "API (its dashboard, which `modelfleet up` starts unless told --no-dashboard); without it creating a batch "
+        "answers 503.",
     )
     files_dir: Path | None = Field(
         None,
@@ -258,6 +259,7 @@ def load_config(path: str | Path) -> ServingConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping with a `models:` list")
     try:
-        return ServingConfig.model_validate(raw)
+        # Relative paths in the config (a sequence's `documents`) are looked for beside the file first.
+        return ServingConfig.model_validate(raw, context={"config_dir": path.resolve().parent})
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, source=str(path))) from None
