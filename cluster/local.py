@@ -133,7 +133,7 @@ def _wait_port(port: int, deadline: float, proc: subprocess.Popen[bytes], log_fi
 def up(
     *,
     num_cpus: int | None = None,
-    dashboard: bool = False,
+    dashboard: bool = True,
     engine_cpus: str = "auto",
     metrics_port: int | None = None,
     ingress: Literal["python", "haproxy"] = "python",
@@ -144,7 +144,7 @@ def up(
     Args:
         num_cpus: logical CPUs to advertise. Defaults to at least 8, more than the cores, so that a model
             replica asking for CPUs never starves the router (see FIELD-NOTES).
-        dashboard: also start Ray's dashboard (needed for `ray job submit`).
+        dashboard: start Ray's dashboard, whose job API runs batch jobs (`ray job submit`, the Batches API).
         engine_cpus: cores kept for engine compute ('auto', 'off' or a CPU list; see `deployments.cpus`):
             recorded in the state, from which `deploy` compiles the plan that hands them to the engines;
             `settle_cpus` moves the rest of the cluster onto the other cores once an app answers. Ray's

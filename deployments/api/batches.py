@@ -127,8 +127,8 @@ def _job_client() -> JobSubmissionClient:
             address = get_webui_url_from_internal_kv()  # the dashboard's host:port, published by the head
             if not address:
                 raise BatchesUnavailableError(
-                    "This cluster runs without Ray's dashboard, which runs batch jobs: start it with the dashboard "
-                    "(`modelfleet up --dashboard`)",
+                    "This cluster runs without Ray's dashboard, which runs batch jobs: start it without --no-dashboard "
+                    "(`modelfleet down`, then `modelfleet up`), or set batches.enabled: false",
                     code="batch_service_unavailable",
                 )
             try:
