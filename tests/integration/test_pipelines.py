@@ -15,13 +15,11 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import yaml
 
 from tests.integration.conftest import metric_samples
 
 MODELS = "x-modelfleet-models"
 TIMEOUT_S = 120.0  # every request's bound
-ROOT = Path(__file__).resolve().parents[2]
 # A passage of the shipped document set (docs/rag/quorvath.md), word for word: the echo embedding of this exact
 # text is the passage's own vector, so retrieval must rank it first.
 PASSAGE = (
@@ -434,24 +432,6 @@ def test_pipeline_errors_are_openai_errors(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model="canary-split", prompt=[1, 2, 3])
     assert info.value.body["param"] == "prompt"  # type: ignore[index]
-
-
-@pytest.mark.slow
-def test_rag_example_answers_from_the_document_set(deploy: Callable[[dict[str, Any]], str]) -> None:
-    """The shipped rag.yaml, with the real SmolLM2 and MiniLM: the answer is only in docs/rag/."""
-    config = yaml.safe_load((ROOT / "deployments" / "configs" / "rag.yaml").read_text())
-    base = deploy({**config, "name": "rag", "route_prefix": "/rag"})
-    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", timeout=300, max_retries=0)
-    question = "What is the capital of the island of Quorvath?"
-    raw = client.chat.completions.with_raw_response.create(
-        model="rag", messages=[{"role": "user", "content": question}], max_tokens=40, temperature=0
-    )
-    assert raw.headers[MODELS] == "minilm,smollm2"
-    assert "Bellmarrow" in (raw.parse().choices[0].message.content or "")
-    stream = client.chat.completions.create(
-        model="rag", messages=[{"role": "user", "content": question}], max_tokens=40, temperature=0, stream=True
-    )
-    assert "Bellmarrow" in "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
 
 
 # -- classification and scoring pipelines (httpx: the openai client has no /classify, /score or /rerank) ----------
