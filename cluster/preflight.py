@@ -9,9 +9,12 @@ from __future__ import annotations
 import os
 import tempfile
 from importlib import metadata
+from pathlib import Path
 
 from cluster.local import ClusterError
 from deployments.config import ServingConfig
+from deployments.pipelines.documents import PROJECT_ROOT
+from models.registry import is_packaged
 from models.spec import adapter_problem
 
 __all__ = ["check_local_engines", "check_local_files"]
@@ -47,14 +50,23 @@ def check_local_engines(config: ServingConfig) -> None:
 
 
 def check_local_files(config: ServingConfig) -> None:
-    """Every file and folder the config names exists on this machine and is usable: LoRA adapter folders, and the
-    batch files folder (created here when missing). TLS files are checked with Serve's HTTP options, and a
-    sequence's documents when the config is loaded (`RetrieveConfig`).
+    """Every file and folder the config names exists on this machine and is usable: model folders, LoRA adapter
+    folders, and the batch files folder (created here when missing). TLS files are checked with Serve's HTTP
+    options, and a sequence's documents when the config is loaded (`RetrieveConfig`).
 
     Raises:
         ClusterError: naming the field, the path and the fix.
     """
     for i, spec in enumerate(config.models):
+        if spec.source and not is_packaged(spec.source):
+            # A replica opens a relative folder from its working directory: Ray's copy of the project root.
+            folder = Path(spec.source).expanduser()
+            folder = folder if folder.is_absolute() else PROJECT_ROOT / folder
+            if not folder.is_dir():
+                raise ClusterError(
+                    f"models.{i}.source: no model folder at {folder} for model '{spec.id}': give a packaged model "
+                    "name (`modelfleet models`) or the folder of a model, absolute or relative to the project root"
+                )
         for j, adapter in enumerate(spec.adapters):
             field = f"models.{i}.adapters.{j}.path"
             if not adapter.path.is_dir():

@@ -27,7 +27,7 @@ def _lora(path: Path) -> dict[str, Any]:
         "id": "base",
         "task": "generate",
         "engine": "vllm",
-        "source": "/models/base",
+        "source": str(path.parent),
         "adapters": [{"name": "sql", "path": str(path)}],
     }
 
@@ -39,6 +39,14 @@ def test_a_missing_adapter_folder_fails_the_deploy_by_field(tmp_path: Path) -> N
     (tmp_path / "ok").mkdir()
     (tmp_path / "ok" / "adapter_config.json").write_text(json.dumps({"r": 8}))
     check_local_files(_config(model=_lora(tmp_path / "ok"), batches={"enabled": False}))
+
+
+def test_a_missing_model_folder_fails_the_deploy_by_field(tmp_path: Path) -> None:
+    model = {"id": "m", "task": "embed", "engine": "transformers", "source": str(tmp_path / "nowhere")}
+    with pytest.raises(ClusterError, match=r"models\.0\.source: no model folder at .*nowhere for model 'm'"):
+        check_local_files(_config(model=model))
+    check_local_files(_config(model={**model, "source": "all-minilm-l6-v2"}))  # packaged: prepared, not a folder
+    check_local_files(_config(model={**model, "source": "deployments"}))  # relative to the project root
 
 
 def test_a_batch_folder_that_is_a_file_fails_the_deploy_and_the_router_start(tmp_path: Path) -> None:
