@@ -28,6 +28,7 @@ import pytest
 
 from cluster import deploy as deploying
 from cluster.local import ClusterError, ClusterState
+from deployments.api.ingress import REPLICA_HEADER
 from tests.integration.conftest import metric_samples, wait_for
 
 pytestmark = pytest.mark.slow
@@ -99,7 +100,7 @@ def _replica_actors(deployment: str) -> list[dict[str, Any]]:
     table = ray._private.state.actors()  # noqa: SLF001
     name = f"ServeReplica:{APP}:replica:{deployment}"
     return [
-        {"id": actor_id, "pid": info["Pid"]}
+        {"id": actor_id, "pid": info["Pid"], "name": info["Name"]}
         for actor_id, info in table.items()
         if info["ActorClassName"] == name and info["State"] == "ALIVE" and info["Pid"]
     ]
@@ -112,10 +113,14 @@ def _running(deployment: str) -> int:
     return dep.replica_states.get("RUNNING", 0)
 
 
-def _kill_one_replica(deployment: str) -> dict[str, Any]:
-    """SIGKILL one replica actor of the deployment (only that process, by its PID)."""
+def _kill_one_replica(deployment: str, serving: str | None = None) -> dict[str, Any]:
+    """SIGKILL one replica actor of the deployment (only that process, by its PID): the one whose Serve replica id
+    is `serving` (a recent answer's x-modelfleet-replica, so the victim surely holds requests), else any."""
     actors = _replica_actors(deployment)
     assert actors, f"no live replica actor of '{deployment}' found in Ray's actor table"
+    if serving is not None:  # Serve names a replica's actor SERVE_REPLICA::<app>#<deployment>#<replica id>
+        actors = [a for a in actors if a["name"].endswith(f"#{serving}")]
+        assert actors, f"replica {serving} of '{deployment}' is not among the live actors"
     victim = actors[0]
     os.kill(victim["pid"], signal.SIGKILL)
     return victim
@@ -187,14 +192,17 @@ def test_sigkill_of_a_vllm_replica_loses_no_non_streaming_request(app: str) -> N
     wait_for(lambda: len(_replica_actors("llama")) == 2, timeout=60, message="two live 'llama' replica actors")
     before = _counters("llama")
     sent, failures, done = 200, [], []
+    serving: list[str] = []  # the replica of each answer, in order
     lock = threading.Lock()
 
     def one(i: int) -> None:
         try:
-            reply = client.chat.completions.create(
+            raw = client.chat.completions.with_raw_response.create(
                 model="llama", messages=[{"role": "user", "content": f"{PROMPT} {i}"}], max_tokens=16
             )
-            assert reply.choices[0].finish_reason in ("stop", "length")
+            assert raw.parse().choices[0].finish_reason in ("stop", "length")
+            with lock:
+                serving.append(raw.headers[REPLICA_HEADER])
         except Exception as exc:  # noqa: BLE001 - counted and shown below
             with lock:
                 failures.append(f"{i}: {type(exc).__name__}: {exc}")
@@ -205,7 +213,9 @@ def test_sigkill_of_a_vllm_replica_loses_no_non_streaming_request(app: str) -> N
     with ThreadPoolExecutor(16) as pool:
         futures = [pool.submit(one, i) for i in range(sent)]
         wait_for(lambda: len(done) >= 40, timeout=REQUEST_TIMEOUT_S, message="40 requests answered before the kill")
-        victim = _kill_one_replica("llama")
+        with lock:
+            busy = serving[-1]
+        victim = _kill_one_replica("llama", serving=busy)
         in_flight_at_kill = min(16, sent - len(done))
         for f in futures:
             f.result()

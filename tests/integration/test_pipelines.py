@@ -161,6 +161,11 @@ def base(
                 },
                 {"id": "overflow", "kind": "fallback", "targets": [{"model": "primary"}, {"model": "spare"}]},
                 {
+                    "id": "tight-split",
+                    "kind": "split",
+                    "targets": [{"model": "primary", "weight": 50}, {"model": "canary", "weight": 50}],
+                },
+                {
                     "id": "patient",
                     "kind": "fallback",
                     "targets": [{"model": "slowpoke"}, {"model": "spare"}],
@@ -346,6 +351,20 @@ def test_fallback_absorbs_a_burst_with_no_failures(client: openai.OpenAI, base: 
     refused = [r for r in statuses if r.status_code == 429]
     assert refused, [r.status_code for r in statuses]
     assert all(r.headers["retry-after"] == "1" and r.json()["error"]["type"] == "rate_limit_error" for r in refused)
+
+
+def test_more_choices_than_a_pipelines_models_can_queue_is_a_400(client: openai.OpenAI) -> None:
+    """A split may send every choice to `primary`, which queues one: n=2 can never all start there, so it is refused
+    by name whichever target the user would get; a fallback moves on to `spare`, which takes them."""
+    for user in ("u1", "u2", "u3", "u4"):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(
+                model="tight-split", messages=[{"role": "user", "content": "hi"}], n=2, user=user
+            )
+        body: Any = info.value.body
+        assert body["param"] == "n" and "the pipeline 'tight-split' takes at most 1" in body["message"], body
+    reply = client.chat.completions.create(model="overflow", messages=[{"role": "user", "content": "hi"}], n=2)
+    assert [c.message.content for c in reply.choices] == ["hi", "hi"]
 
 
 def test_fallback_on_a_step_timeout(client: openai.OpenAI) -> None:
