@@ -174,6 +174,16 @@ class FileStore:
         self._ready()
         _write_json(self._batches / f"{batch_id}.json", data)
 
+    def claim(self, batch_id: str, what: str) -> bool:
+        """True for the first caller only, across router replicas sharing the folder: a step of a batch that must
+        happen once (charging its tokens)."""
+        self._ready()
+        try:
+            os.close(os.open(self._batches / f"{batch_id}.{what}", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        except FileExistsError:
+            return False
+        return True
+
     def get_batch(self, batch_id: str) -> dict[str, Any] | None:
         """A batch's record, or None (also for a string that is no batch id)."""
         if not _BATCH_ID.match(batch_id):
