@@ -39,8 +39,10 @@ _STARTUP_ENV = {"RAY_prestart_worker_first_driver": "0"}
 #: processes dialling each other on 127.0.0.1 (see cluster/__init__.py); no idle workers at start. The bench's
 #: cluster gets it too.
 CLUSTER_ENV = {**RAY_ENV, **PROXY_ENV, **LOCAL_ONLY_ENV, **_STARTUP_ENV}
-# Ray puts unix sockets at <temp dir>/session_<date>_<time>_<usec>_<pid>/sockets/plasma_store: 63 more bytes.
-_MAX_TEMP_DIR_CHARS = 44
+# Ray puts unix sockets at <temp dir>/session_<date>_<time>_<usec>_<pid>/sockets/<name>; the longest name is the
+# dashboard's (dash_MetricsHead): 69 more bytes with a 7-digit pid, within the 107 of a unix socket path, and a
+# little margin for Ray's other socket names. Past it the dashboard fails to start and takes the head down.
+_MAX_TEMP_DIR_CHARS = 36
 
 
 class ClusterError(RuntimeError):
