@@ -21,6 +21,7 @@ from cluster.local import ClusterError, ClusterState
 from cluster.model_changes import record_config
 from cluster.placement import unschedulable_reason
 from cluster.preflight import check_local_engines, check_local_files
+from cluster.unstarted import release_every_unstarted, release_leaving
 from deployments.config import ServingConfig, TLSConfig
 from deployments.plan import DeploymentPlan, PlanError, compile_plan
 from models.settings import get_settings
@@ -104,7 +105,10 @@ def stop_serving(state: ClusterState, *, timeout_s: float = 90.0) -> None:
         return  # the cluster is already gone
     stopper = threading.Thread(target=serve.shutdown, name="serve-shutdown", daemon=True)
     stopper.start()
-    stopper.join(timeout_s)
+    deadline = time.monotonic() + timeout_s
+    while stopper.is_alive() and time.monotonic() < deadline:
+        release_every_unstarted()  # every replica goes: none that never started waits out a drain
+        stopper.join(0.5)
     if stopper.is_alive():
         logger.warning("Serve did not shut down within %.0f s; stopping the cluster anyway", timeout_s)
     ray.shutdown()
@@ -199,6 +203,7 @@ def deploy(
             # version's RUNNING can show before Serve takes the new one.
             break
         reasons = pending_reasons(plan)
+        release_leaving(config.name, plan, reasons)
         if reasons:
             line += " | waiting for resources: " + "; ".join(f"{d}: {r}" for d, r in reasons.items())
             stuck_since = stuck_since or time.monotonic()
@@ -216,6 +221,7 @@ def deploy(
         if time.monotonic() > deadline:
             raise ClusterError(f"app '{config.name}' was not running after {timeout_s:.0f} s: {last_line}")
         runner.join(timeout=_POLL_S)
+    release_leaving(config.name, plan, pending_reasons(plan))
     if outcome and outcome[0] is not None:
         raise ClusterError(f"deploying '{config.name}' failed: {outcome[0]}") from outcome[0]
     starter.join(timeout=max(deadline - time.monotonic(), 0.0))  # the proxy: long up by now
