@@ -89,6 +89,15 @@ class RouterConfig(FrozenModel):
         "when the replica holding it dies, within `request_timeout_s`; with the same request id, to another replica "
         "or the restarted one. 0: never.",
     )
+    max_migrations: int = Field(
+        2,
+        ge=0,
+        le=10,
+        description="Times a stream whose replica dies after its first chunk goes on on another replica (or the "
+        "restarted one) from the tokens already sent, within `request_timeout_s`; the client sees one stream. "
+        "Engines that report token ids only (vllm, transformers), and not structured outputs or tool calls: those "
+        "end with an error event. 0: never.",
+    )
     num_replicas: int = Field(1, ge=1, description="Replicas of the router (ingress) deployment.")
     tls: TLSConfig | None = Field(None, description="Serve HTTPS with this certificate; unset: plain HTTP.")
     num_cpus: float = Field(0.5, ge=0, description="Logical CPUs reserved for each router replica.")
