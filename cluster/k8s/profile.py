@@ -34,6 +34,10 @@ class Profile:
         gpus: whether GPU worker groups may be rendered.
         idle_timeout_s: how long the autoscaler keeps an idle worker pod.
         worker_env: environment of the worker containers, besides the plan's Ray environment.
+        ephemeral_gib: local disk a pod requests for logs and caches (Ray's session files, engine compile caches),
+            besides room to spill its object store.
+        shm_gib_per_tp_worker: /dev/shm of a GPU worker pod per tensor/pipeline-parallel worker of a replica,
+            besides the object store (NCCL buffers, vLLM's worker message queues).
     """
 
     name: Literal["cpu", "gpu"]
@@ -46,6 +50,8 @@ class Profile:
     gpus: bool
     idle_timeout_s: int
     worker_env: Mapping[str, str] = field(default_factory=dict)
+    ephemeral_gib: int = 10
+    shm_gib_per_tp_worker: int = 2
 
 
 PROFILES: Mapping[str, Profile] = MappingProxyType(
@@ -79,6 +85,8 @@ PROFILES: Mapping[str, Profile] = MappingProxyType(
             gpus=True,
             # GPU nodes take minutes to provision and a model minutes to load: keep them through short lulls.
             idle_timeout_s=300,
+            # torch.compile and CUDA graph caches of the engines, besides Ray's logs.
+            ephemeral_gib=20,
         ),
     }
 )

@@ -21,6 +21,14 @@ from cluster.k8s.constants import APP_LABELS, METRICS_PORT, METRICS_PORT_NAME, S
 from cluster.k8s.errors import RenderError
 from cluster.k8s.groups import ACCELERATOR_PREFIX, WorkerGroup, plan_worker_groups
 from cluster.k8s.manifest import dump
+from cluster.k8s.pod import (
+    container_security_context,
+    ephemeral_gib,
+    grace_period_s,
+    pod_security_context,
+    pre_stop,
+    shm_volume,
+)
 from cluster.k8s.profile import IMAGE_WORKDIR, PROFILES, Profile, RenderOptions, default_image
 from cluster.k8s.serve_config import serve_config
 from deployments.api.proxy_middleware import PROXY_ENV
@@ -109,13 +117,23 @@ def _env(*parts: dict[str, str]) -> list[dict[str, str]]:
     return [{"name": k, "value": v} for k, v in merged.items()]
 
 
-def _resources(cpus: int, memory_gib: int, gpus: int = 0) -> dict[str, Any]:
+def _resources(profile: Profile, cpus: int, memory_gib: int, gpus: int = 0) -> dict[str, Any]:
     # Requests equal limits: Guaranteed QoS, and whole cores, so a kubelet with the static CPU manager gives the
     # pod cores of its own; Ray advertises exactly these CPUs and GPUs.
     amounts: dict[str, Any] = {"cpu": str(cpus), "memory": f"{memory_gib}Gi"}
     if gpus:
         amounts[GPU_RESOURCE] = str(gpus)
-    return {"requests": dict(amounts), "limits": dict(amounts)}
+    # Ephemeral storage is requested only: a pod past a limit would be evicted mid-request.
+    requests = {**amounts, "ephemeral-storage": f"{ephemeral_gib(profile, memory_gib)}Gi"}
+    return {"requests": requests, "limits": dict(amounts)}
+
+
+def _pod(plan: DeploymentPlan, container: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "securityContext": pod_security_context(),
+        "terminationGracePeriodSeconds": grace_period_s(plan),
+        "containers": [container],
+    }
 
 
 def _port(name: str, number: int) -> dict[str, Any]:
@@ -135,7 +153,8 @@ def _head_group(plan: DeploymentPlan, profile: Profile, image: str) -> dict[str,
             _port(METRICS_PORT_NAME, METRICS_PORT),
         ],
         "env": _env(plan.ray_env, _POD_ENV),
-        "resources": _resources(profile.head_cpus, profile.head_memory_gib),
+        "resources": _resources(profile, profile.head_cpus, profile.head_memory_gib),
+        "securityContext": container_security_context(),
         # No readiness probe of ours: KubeRay sends the Serve config only once the head pod is ready, so a probe
         # that waits for the app would never pass. KubeRay's default probe checks Ray's own health, and the
         # operator puts the head's proxy behind the serve Service only while it answers.
@@ -149,7 +168,7 @@ def _head_group(plan: DeploymentPlan, profile: Profile, image: str) -> dict[str,
         },
         "template": {
             "metadata": {"labels": {**APP_LABELS, "app.kubernetes.io/component": "ray-head"}},
-            "spec": {"containers": [container]},
+            "spec": _pod(plan, container),
         },
     }
 
@@ -165,7 +184,9 @@ def _worker_group(
         "imagePullPolicy": "IfNotPresent",
         "ports": [_port(SERVE_PORT_NAME, config.router.port), _port(METRICS_PORT_NAME, METRICS_PORT)],
         "env": _env(plan.ray_env, dict(profile.worker_env), _POD_ENV),
-        "resources": _resources(group.cpus, group.memory_gib, group.gpus),
+        "resources": _resources(profile, group.cpus, group.memory_gib, group.gpus),
+        "securityContext": container_security_context(),
+        "lifecycle": pre_stop(plan),
         # In the serve Service only while the app answers: this node's Serve proxy hands /readyz to the router,
         # which says 200 once every model has answered a real request (KubeRay keeps a probe it finds).
         "readinessProbe": {
@@ -176,13 +197,22 @@ def _worker_group(
             "failureThreshold": 3,
         },
     }
-    pod: dict[str, Any] = {"containers": [container]}
-    # Only where a replica reads from it: a ReadWriteOnce claim attaches to one node at a time.
+    pod = _pod(plan, container)
+    volumes: list[dict[str, Any]] = []
+    mounts: list[dict[str, Any]] = []
+    if group.gpus:
+        volume, mount = shm_volume(profile, group)
+        volumes.append(volume)
+        mounts.append(mount)
+    # Only where a replica reads from it.
     if options.weights_pvc and _on_claim(plan, options) & set(group.hosts):
-        container["volumeMounts"] = [{"name": _WEIGHTS_VOLUME, "mountPath": options.weights_mount, "readOnly": True}]
-        pod["volumes"] = [
+        mounts.append({"name": _WEIGHTS_VOLUME, "mountPath": options.weights_mount, "readOnly": True})
+        volumes.append(
             {"name": _WEIGHTS_VOLUME, "persistentVolumeClaim": {"claimName": options.weights_pvc, "readOnly": True}}
-        ]
+        )
+    if mounts:
+        container["volumeMounts"] = mounts
+        pod["volumes"] = volumes
     params = {"num-cpus": str(group.cpus), "metrics-export-port": str(METRICS_PORT)}
     if group.gpus:
         params["num-gpus"] = str(group.gpus)

@@ -1,0 +1,109 @@
+"""What a production team needs from the rendered manifests, checked on the rendered YAML: hardened pods, drains,
+the autoscaler, per-node readiness, a head that survives, storage, TLS ingress and a RayJob that apply -k leaves
+alone."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from cluster.k8s import RenderOptions, rayservice
+from cluster.k8s.pod import IMAGE_GID, IMAGE_UID
+from cluster.k8s.profile import PROFILES
+from deployments.config import ServingConfig
+from deployments.plan import compile_plan
+from tests.unit.cluster.test_k8s import OVERLAYS, _crd_errors, _plan, _service, _workers
+
+
+def _groups(service: dict[str, Any]) -> list[dict[str, Any]]:
+    cluster = service["spec"]["rayClusterConfig"]
+    return [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+
+
+def _pods(service: dict[str, Any]) -> list[dict[str, Any]]:
+    return [g["template"]["spec"] for g in _groups(service)]
+
+
+# -- pods: security, storage, shared memory ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(OVERLAYS))
+def test_every_pod_runs_restricted_as_the_image_user(name: str) -> None:
+    for pod in _pods(_service(OVERLAYS[name])):
+        context = pod["securityContext"]
+        assert context["runAsNonRoot"] is True
+        assert (context["runAsUser"], context["runAsGroup"]) == (IMAGE_UID, IMAGE_GID) and IMAGE_UID != 0
+        assert context["seccompProfile"] == {"type": "RuntimeDefault"}
+        for container in pod["containers"]:
+            assert container["securityContext"]["allowPrivilegeEscalation"] is False
+            assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+
+
+@pytest.mark.parametrize("name", sorted(OVERLAYS))
+def test_every_pod_requests_ephemeral_storage(name: str) -> None:
+    for pod in _pods(_service(OVERLAYS[name])):
+        (container,) = pod["containers"]
+        requested = container["resources"]["requests"]["ephemeral-storage"]
+        assert requested.endswith("Gi") and int(requested[:-2]) >= 10
+        assert "ephemeral-storage" not in container["resources"]["limits"]  # no eviction mid-request
+
+
+def test_gpu_workers_get_shared_memory_sized_for_tensor_parallel() -> None:
+    service = _service(OVERLAYS["gpu-prod"])
+    gpu = _workers(service)["gpu-a10g"]["template"]["spec"]
+    (shm,) = [v for v in gpu["volumes"] if "emptyDir" in v]
+    # Llama runs tensor parallel over 2 GPUs: 30% of 48 GiB for the object store, plus 2 GiB per TP worker.
+    assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": f"{15 + 2 * 2}Gi"}
+    mounts = {m["mountPath"]: m["name"] for m in gpu["containers"][0]["volumeMounts"]}
+    assert mounts["/dev/shm"] == shm["name"]
+    # Other pods keep KubeRay's own /dev/shm (sized to the pod's memory).
+    cpu = _workers(service)["cpu"]["template"]["spec"]
+    assert all("emptyDir" not in v for v in cpu.get("volumes", []))
+
+
+def test_shared_memory_grows_with_the_tensor_parallel_size() -> None:
+    def shm(tp: int) -> str:
+        model = {"id": "m", "task": "generate", "engine": "vllm", "source": "/w/m"}
+        model |= {"resources": {"num_gpus": 1, "accelerator_type": "L4"}, "parallelism": {"tensor_parallel_size": tp}}
+        config = ServingConfig.model_validate({"models": [model]})
+        pod = _workers(rayservice(compile_plan(config), RenderOptions(profile="gpu")))["gpu-l4"]["template"]["spec"]
+        (volume,) = [v for v in pod["volumes"] if "emptyDir" in v]
+        return str(volume["emptyDir"]["sizeLimit"])
+
+    per_worker = PROFILES["gpu"].shm_gib_per_tp_worker
+    assert int(shm(4)[:-2]) - int(shm(1)[:-2]) >= 3 * per_worker
+
+
+# -- drains -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(OVERLAYS))
+def test_grace_period_covers_the_longest_drain_of_the_plan(name: str) -> None:
+    plan = _plan(OVERLAYS[name])
+    drains = [plan.router_options, *(m.serve_options for m in plan.models)]
+    longest = max(o["graceful_shutdown_timeout_s"] + o["graceful_shutdown_wait_loop_s"] for o in drains)
+    assert longest >= plan.config.router.request_timeout_s + 5
+    service = _service(OVERLAYS[name])
+    for pod in _pods(service):
+        assert pod["terminationGracePeriodSeconds"] >= longest
+    for group in service["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
+        (container,) = group["template"]["spec"]["containers"]
+        script = container["lifecycle"]["preStop"]["exec"]["command"][-1]
+        assert script.startswith("ray drain-node ") and "ray::[S]erveReplica" in script
+
+
+def test_grace_period_follows_the_request_timeout() -> None:
+    def grace(timeout_s: float) -> int:
+        config = ServingConfig.model_validate(
+            {"models": [{"id": "e", "task": "generate", "engine": "echo"}], "router": {"request_timeout_s": timeout_s}}
+        )
+        pod = _pods(rayservice(compile_plan(config), RenderOptions()))[1]
+        return int(pod["terminationGracePeriodSeconds"])
+
+    assert grace(900) - grace(60) == 840 and grace(60) >= 65
+
+
+def test_hardened_pods_still_validate_against_the_crds() -> None:
+    for name in OVERLAYS:
+        assert _crd_errors(_service(OVERLAYS[name])) == []
