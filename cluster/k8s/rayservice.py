@@ -36,9 +36,9 @@ from deployments.plan import DeploymentPlan
 
 __all__ = ["READY_PATH", "rayservice"]
 
-# The router answers 200 here only once every model has answered a real request (deployments/api/ingress.py).
+# The router answers 200 here only once every model has answered a real request (deployments/api/ingress.py):
+# whole-app readiness, for people and monitors; pods use KubeRay's per-node probes.
 READY_PATH = "/readyz"
-_READY_TIMEOUT_S = 12  # the router waits up to 10 s for each model's answer
 # KubeRay appends 6 characters to a RayService's name for its RayCluster, whose name must stay within 53.
 _MAX_NAME = 47
 _DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -83,7 +83,13 @@ def rayservice(plan: DeploymentPlan, options: RenderOptions) -> dict[str, Any]:
             "rayClusterConfig": {
                 "rayVersion": metadata.version("ray"),
                 "enableInTreeAutoscaling": True,
-                "autoscalerOptions": {"upscalingMode": "Default", "idleTimeoutSeconds": profile.idle_timeout_s},
+                "autoscalerOptions": {
+                    # v2: drains a node in Ray before KubeRay deletes its pod, and reconciles per Ray node.
+                    "version": "v2",
+                    "upscalingMode": "Default",
+                    "idleTimeoutSeconds": profile.idle_timeout_s,
+                    "securityContext": container_security_context(),
+                },
                 "authOptions": auth_options(),
                 "headGroupSpec": _head_group(plan, profile, image),
                 "workerGroupSpecs": [_worker_group(plan, profile, options, image, group) for group in groups],
@@ -130,6 +136,9 @@ def _resources(profile: Profile, cpus: int, memory_gib: int, gpus: int = 0) -> d
 
 def _pod(plan: DeploymentPlan, container: dict[str, Any]) -> dict[str, Any]:
     return {
+        # Autoscaler v2 requires it: a failed Ray container is replaced by a new pod (a new Ray node), never
+        # restarted in place under the same pod name.
+        "restartPolicy": "Never",
         "securityContext": pod_security_context(),
         "terminationGracePeriodSeconds": grace_period_s(plan),
         "containers": [container],
@@ -177,7 +186,6 @@ def _worker_group(
     plan: DeploymentPlan, profile: Profile, options: RenderOptions, image: str, group: WorkerGroup
 ) -> dict[str, Any]:
     config = plan.config
-    ready_path = config.route_prefix.rstrip("/") + READY_PATH
     container: dict[str, Any] = {
         "name": "ray-worker",
         "image": image,
@@ -187,15 +195,9 @@ def _worker_group(
         "resources": _resources(profile, group.cpus, group.memory_gib, group.gpus),
         "securityContext": container_security_context(),
         "lifecycle": pre_stop(plan),
-        # In the serve Service only while the app answers: this node's Serve proxy hands /readyz to the router,
-        # which says 200 once every model has answered a real request (KubeRay keeps a probe it finds).
-        "readinessProbe": {
-            "httpGet": {"path": ready_path, "port": SERVE_PORT_NAME},
-            "initialDelaySeconds": 10,
-            "periodSeconds": 10,
-            "timeoutSeconds": _READY_TIMEOUT_S,
-            "failureThreshold": 3,
-        },
+        # No probes of ours: KubeRay's defaults make a worker ready while its raylet answers and, for a RayService,
+        # its Serve proxy's /-/healthz on the serve port: a node is in the serve Service while it can route, not
+        # only while every model of the app has a replica (the app-wide READY_PATH, for humans and monitors).
     }
     pod = _pod(plan, container)
     volumes: list[dict[str, Any]] = []

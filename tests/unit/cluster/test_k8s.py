@@ -372,15 +372,16 @@ def test_cpu_profile_workers_compute_unbound_on_their_ray_cpus() -> None:
     assert worker["rayStartParams"]["num-cpus"] == resources["limits"]["cpu"]
 
 
-def test_readiness_waits_for_the_models_on_workers_only() -> None:
+def test_readiness_is_kuberays_per_node_probe() -> None:
+    # No probe of ours on any Ray container: KubeRay's default makes a worker ready while its raylet and its Serve
+    # proxy's /-/healthz (on the port named `serve`) answer; /readyz is the whole app's, 503 while a model lacks a
+    # replica, and would take every node out of the Service at once.
     for overlay in COMMITTED_OVERLAYS:
         service = _service(overlay)
-        head, *workers = _ray_containers(service)
-        assert "readinessProbe" not in head  # KubeRay sends the Serve config only once the head is ready
-        for container in workers:
-            probe = container["readinessProbe"]["httpGet"]
-            assert probe == {"path": "/readyz", "port": "serve"}
+        for container in _ray_containers(service):
+            assert "readinessProbe" not in container and "livenessProbe" not in container
             assert {"name": "serve", "containerPort": _plan(overlay).config.router.port} in container["ports"]
+        assert "/readyz" not in json.dumps(service["spec"]["rayClusterConfig"])
 
 
 # -- kustomize ------------------------------------------------------------------------------------------------

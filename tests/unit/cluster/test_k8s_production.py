@@ -107,3 +107,17 @@ def test_grace_period_follows_the_request_timeout() -> None:
 def test_hardened_pods_still_validate_against_the_crds() -> None:
     for name in OVERLAYS:
         assert _crd_errors(_service(OVERLAYS[name])) == []
+
+
+# -- autoscaler -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(OVERLAYS))
+def test_autoscaler_v2_with_pods_that_never_restart(name: str) -> None:
+    service = _service(OVERLAYS[name])
+    cluster = service["spec"]["rayClusterConfig"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    assert cluster["autoscalerOptions"]["version"] == "v2"
+    # KubeRay adds the autoscaler as a sidecar of the head: it runs under the same restrictions.
+    assert cluster["autoscalerOptions"]["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert [pod["restartPolicy"] for pod in _pods(service)] == ["Never"] * len(_groups(service))
