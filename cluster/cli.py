@@ -299,6 +299,8 @@ def _cmd_render_k8s(args: argparse.Namespace) -> int:
         "image": args.image,
         "working_dir": args.working_dir,
         "weights_pvc": args.weights_pvc,
+        "redis_address": args.redis_address,
+        "redis_secret": args.redis_secret,
         "gpu_node_label": args.gpu_node_label,
         "gpu_node_values": dict(args.gpu_node_value) or None,
     }
@@ -420,6 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", help=field["image"].description)
     p.add_argument("--working-dir", help=field["working_dir"].description)
     p.add_argument("--weights-pvc", metavar="NAME", help=field["weights_pvc"].description)
+    p.add_argument("--redis-address", metavar="ADDRESS", help=field["redis_address"].description)
+    p.add_argument("--redis-secret", metavar="NAME", help=field["redis_secret"].description)
     p.add_argument("--gpu-node-label", metavar="KEY", help=field["gpu_node_label"].description)
     p.add_argument(
         "--gpu-node-value",

@@ -126,6 +126,14 @@ class RenderOptions(FrozenModel):
     weights_mount: str = Field(
         default="/models", description="Where the weights claim is mounted; sources may point there."
     )
+    redis_address: str | None = Field(
+        default=None,
+        description="External Redis of GCS fault tolerance (host:port, or a redis:// or rediss:// URL): the head "
+        "can restart without taking the workers down. Unset: no GCS fault tolerance.",
+    )
+    redis_secret: str = Field(
+        default="modelfleet-redis", description="Secret whose key `password` holds the Redis password."
+    )
     gpu_node_label: str = Field(
         default=GPU_NODE_LABEL, description="Node label that names a node's GPU model (GPU worker groups select on it)."
     )

@@ -59,7 +59,6 @@ def _runtime_env(working_dir: str) -> str:
 
 def _mount(pod: dict[str, Any]) -> None:
     for container in pod["containers"]:
-        container.pop("readinessProbe", None)  # the serving probe (/readyz): no Serve app runs here
         container.setdefault("volumeMounts", []).append({"name": _VOLUME, "mountPath": BATCH_MOUNT})
     pod.setdefault("volumes", []).append({"name": _VOLUME, "persistentVolumeClaim": {"claimName": BATCH_CLAIM}})
 
@@ -78,6 +77,12 @@ def rayjob(plan: DeploymentPlan, options: RenderOptions) -> dict[str, Any]:
         raise RenderError(f"the RayJob's name '{name}' is longer than {_MAX_NAME} characters: shorten the app name")
     alone = compile_plan(config.model_copy(update={"models": tuple(m for m in config.models if m.id == model_id)}))
     cluster = rayservice(alone, options)["spec"]["rayClusterConfig"]
+    # The job's head lives as long as its driver: no Redis of its own, and outside the serving head's
+    # PodDisruptionBudget.
+    cluster.pop("gcsFaultToleranceOptions", None)
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        labels = group["template"]["metadata"]["labels"]
+        labels["app.kubernetes.io/component"] = "batch-" + labels["app.kubernetes.io/component"]
     _mount(cluster["headGroupSpec"]["template"]["spec"])  # the driver writes the output
     for group in cluster["workerGroupSpecs"]:
         _mount(group["template"]["spec"])  # read tasks and engines run here

@@ -20,6 +20,7 @@ from cluster.k8s.auth import auth_options
 from cluster.k8s.constants import APP_LABELS, METRICS_PORT, METRICS_PORT_NAME, SERVE_PORT_NAME
 from cluster.k8s.errors import RenderError
 from cluster.k8s.groups import ACCELERATOR_PREFIX, WorkerGroup, plan_worker_groups
+from cluster.k8s.head import HEAD_COMPONENT, HEAD_POD_ANNOTATIONS, gcs_fault_tolerance
 from cluster.k8s.manifest import dump
 from cluster.k8s.pod import (
     container_security_context,
@@ -72,6 +73,22 @@ def rayservice(plan: DeploymentPlan, options: RenderOptions) -> dict[str, Any]:
     groups = plan_worker_groups(plan, profile)
     image = options.image or default_image(profile.name)
     serve = serve_config(plan, working_dir=options.working_dir)
+    cluster: dict[str, Any] = {
+        "rayVersion": metadata.version("ray"),
+        "enableInTreeAutoscaling": True,
+        "autoscalerOptions": {
+            # v2: drains a node in Ray before KubeRay deletes its pod, and reconciles per Ray node.
+            "version": "v2",
+            "upscalingMode": "Default",
+            "idleTimeoutSeconds": profile.idle_timeout_s,
+            "securityContext": container_security_context(),
+        },
+        "authOptions": auth_options(),
+        "headGroupSpec": _head_group(plan, profile, image),
+        "workerGroupSpecs": [_worker_group(plan, profile, options, image, group) for group in groups],
+    }
+    if options.redis_address:
+        cluster["gcsFaultToleranceOptions"] = gcs_fault_tolerance(options.redis_address, options.redis_secret)
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayService",
@@ -80,20 +97,7 @@ def rayservice(plan: DeploymentPlan, options: RenderOptions) -> dict[str, Any]:
             # A changed cluster spec starts a new RayCluster; traffic moves once its app is ready.
             "upgradeStrategy": {"type": "NewCluster"},
             "serveConfigV2": dump(serve),
-            "rayClusterConfig": {
-                "rayVersion": metadata.version("ray"),
-                "enableInTreeAutoscaling": True,
-                "autoscalerOptions": {
-                    # v2: drains a node in Ray before KubeRay deletes its pod, and reconciles per Ray node.
-                    "version": "v2",
-                    "upscalingMode": "Default",
-                    "idleTimeoutSeconds": profile.idle_timeout_s,
-                    "securityContext": container_security_context(),
-                },
-                "authOptions": auth_options(),
-                "headGroupSpec": _head_group(plan, profile, image),
-                "workerGroupSpecs": [_worker_group(plan, profile, options, image, group) for group in groups],
-            },
+            "rayClusterConfig": cluster,
         },
     }
 
@@ -176,7 +180,10 @@ def _head_group(plan: DeploymentPlan, profile: Profile, image: str) -> dict[str,
             "metrics-export-port": str(METRICS_PORT),
         },
         "template": {
-            "metadata": {"labels": {**APP_LABELS, "app.kubernetes.io/component": "ray-head"}},
+            "metadata": {
+                "labels": {**APP_LABELS, "app.kubernetes.io/component": HEAD_COMPONENT},
+                "annotations": dict(HEAD_POD_ANNOTATIONS),
+            },
             "spec": _pod(plan, container),
         },
     }

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from cluster.k8s.auth import AUTH_TOKEN_KEY, create_secret_command, secret_template
 from cluster.k8s.errors import RenderError
+from cluster.k8s.head import head_disruption_budget
 from cluster.k8s.manifest import dump
 from cluster.k8s.monitoring import dashboards, dashboards_config_map, pod_monitor
 from cluster.k8s.profile import RenderOptions
@@ -61,7 +62,9 @@ COMMITTED_OVERLAYS: tuple[Overlay, ...] = (
     Overlay(
         name="gpu-prod",
         config="deployments/configs/gpu.yaml",
-        options=RenderOptions(profile="gpu", weights_pvc="modelfleet-weights"),
+        options=RenderOptions(
+            profile="gpu", weights_pvc="modelfleet-weights", redis_address="redis://modelfleet-redis:6379"
+        ),
         purpose="Llama 3.1 8B Instruct on two A10G GPUs (weights from the claim), MiniLM on CPU nodes",
     ),
 )
@@ -93,19 +96,15 @@ def render_overlay(
     service = rayservice(plan, options)
     job = rayjob(plan, options)
     header = f"Rendered from {source or config_path} (profile {options.profile}).\n{_DO_NOT_EDIT}"
-    kustomization = {
-        **_KUSTOMIZATION,
-        # A directory goes under `bases`: kubectl 1.20's kustomize (v2.0.3) reads directories nowhere else;
-        # newer ones still accept it (with a deprecation note).
-        "bases": ["../../base"],
-        "resources": ["rayservice.yaml", "rayjob.yaml"],
-    }
+    # `resources` takes the base directory too (kustomize >= 2.1, kubectl >= 1.21); `bases` is deprecated.
+    kustomization = {**_KUSTOMIZATION, "resources": ["../../base", "rayservice.yaml", "head-pdb.yaml", "rayjob.yaml"]}
     written = _write_base(out_dir)
     written += _write_dir(
         out_dir / "overlays" / name,
         {
             "kustomization.yaml": dump(kustomization, header=f"Overlay {name}. {header}"),
             "rayservice.yaml": dump(service, header=header),
+            "head-pdb.yaml": dump(head_disruption_budget(plan.config.name), header=header),
             # Suspended: batch inference on a cluster of its own, started by hand (cluster/k8s/rayjob.py).
             "rayjob.yaml": dump(job, header=header),
         },

@@ -9,15 +9,19 @@ from typing import Any
 import pytest
 
 from cluster.k8s import RenderOptions, rayservice
+from cluster.k8s.head import REDIS_PASSWORD_KEY, REDIS_SECRET
 from cluster.k8s.pod import IMAGE_GID, IMAGE_UID
 from cluster.k8s.profile import PROFILES
 from deployments.config import ServingConfig
 from deployments.plan import compile_plan
-from tests.unit.cluster.test_k8s import OVERLAYS, _crd_errors, _plan, _service, _workers
+from tests.unit.cluster.test_k8s import K8S, OVERLAYS, _crd_errors, _docs, _plan, _service, _workers
 
 
 def _groups(service: dict[str, Any]) -> list[dict[str, Any]]:
-    cluster = service["spec"]["rayClusterConfig"]
+    return _cluster_groups(service["spec"]["rayClusterConfig"])
+
+
+def _cluster_groups(cluster: dict[str, Any]) -> list[dict[str, Any]]:
     return [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
 
 
@@ -121,3 +125,32 @@ def test_autoscaler_v2_with_pods_that_never_restart(name: str) -> None:
     # KubeRay adds the autoscaler as a sidecar of the head: it runs under the same restrictions.
     assert cluster["autoscalerOptions"]["securityContext"]["capabilities"] == {"drop": ["ALL"]}
     assert [pod["restartPolicy"] for pod in _pods(service)] == ["Never"] * len(_groups(service))
+
+
+# -- the head survives ------------------------------------------------------------------------------------------
+
+
+def test_gpu_prod_head_keeps_the_gcs_in_an_external_redis() -> None:
+    cluster = _service(OVERLAYS["gpu-prod"])["spec"]["rayClusterConfig"]
+    options = cluster["gcsFaultToleranceOptions"]
+    assert options["redisAddress"] == OVERLAYS["gpu-prod"].options.redis_address
+    assert options["redisPassword"] == {
+        "valueFrom": {"secretKeyRef": {"name": REDIS_SECRET, "key": REDIS_PASSWORD_KEY}}
+    }
+    assert "gcsFaultToleranceOptions" not in _service(OVERLAYS["cpu-dev"])["spec"]["rayClusterConfig"]
+
+
+@pytest.mark.parametrize("name", sorted(OVERLAYS))
+def test_head_is_kept_from_evictions(name: str) -> None:
+    service = _service(OVERLAYS[name])
+    head = service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["metadata"]
+    assert head["annotations"]["cluster-autoscaler.kubernetes.io/safe-to-evict"] == "false"
+    (budget,) = _docs(K8S / "overlays" / name / "head-pdb.yaml")
+    assert budget["kind"] == "PodDisruptionBudget" and budget["spec"]["minAvailable"] == 1
+    selector = budget["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= head["labels"].items()
+    # Only the serving head: the batch job's cluster and the workers carry other component labels.
+    (job,) = _docs(K8S / "overlays" / name / "rayjob.yaml")
+    for group in [*_groups(service)[1:], *_cluster_groups(job["spec"]["rayClusterSpec"])]:
+        assert not selector.items() <= group["template"]["metadata"]["labels"].items()
+    assert "head-pdb.yaml" in _docs(K8S / "overlays" / name / "kustomization.yaml")[0]["resources"]
