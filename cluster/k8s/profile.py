@@ -123,6 +123,19 @@ class RenderOptions(FrozenModel):
     weights_pvc: str | None = Field(
         default=None, description="PersistentVolumeClaim holding model weights, mounted read-only into the worker pods."
     )
+    weights_size: str = Field(default="100Gi", description="Storage the rendered weights claim asks for.")
+    files_pvc: str | None = Field(
+        default=None,
+        description="ReadWriteMany PersistentVolumeClaim mounted at /batch on every Ray pod: uploaded files and batch "
+        "results (batches.files_dir, /batch/files unless set under /batch) and the RayJob's input and output. "
+        "Needed when several router replicas serve batches.",
+    )
+    files_size: str = Field(default="50Gi", description="Storage the rendered files claim asks for.")
+    storage_class: str | None = Field(
+        default=None,
+        description="StorageClass of the rendered claims: file storage that offers ReadWriteMany and ReadOnlyMany "
+        "(NFS, EFS, Filestore, Azure Files, CephFS). Unset: the cluster's default class.",
+    )
     weights_mount: str = Field(
         default="/models", description="Where the weights claim is mounted; sources may point there."
     )

@@ -32,8 +32,9 @@ from cluster.k8s.pod import (
 )
 from cluster.k8s.profile import IMAGE_WORKDIR, PROFILES, Profile, RenderOptions, default_image
 from cluster.k8s.serve_config import serve_config
+from cluster.k8s.storage import files_config, files_volume
 from deployments.api.proxy_middleware import PROXY_ENV
-from deployments.plan import DeploymentPlan
+from deployments.plan import DeploymentPlan, compile_plan
 
 __all__ = ["READY_PATH", "rayservice"]
 
@@ -59,8 +60,8 @@ def rayservice(plan: DeploymentPlan, options: RenderOptions) -> dict[str, Any]:
 
     Raises:
         RenderError: the app name is not a valid RayService name, a model needs GPUs on the cpu profile, an
-            accelerator type has no node label value, weights are expected on a claim that is not given, or the
-            config holds API keys.
+            accelerator type has no node label value, weights are expected on a claim that is not given, the
+            config holds API keys, or several router replicas serve batches without a files claim.
     """
     config = plan.config
     if not _DNS_1035.match(config.name) or len(config.name) > _MAX_NAME:
@@ -71,6 +72,9 @@ def rayservice(plan: DeploymentPlan, options: RenderOptions) -> dict[str, Any]:
     _check_weights(plan, options)
     profile = PROFILES[options.profile]
     groups = plan_worker_groups(plan, profile)
+    on_cluster = files_config(config, options)
+    if on_cluster is not config:
+        plan = compile_plan(on_cluster)  # as the cluster compiles it: no engine cores
     image = options.image or default_image(profile.name)
     serve = serve_config(plan, working_dir=options.working_dir)
     cluster: dict[str, Any] = {
@@ -84,7 +88,7 @@ def rayservice(plan: DeploymentPlan, options: RenderOptions) -> dict[str, Any]:
             "securityContext": container_security_context(),
         },
         "authOptions": auth_options(),
-        "headGroupSpec": _head_group(plan, profile, image),
+        "headGroupSpec": _head_group(plan, profile, options, image),
         "workerGroupSpecs": [_worker_group(plan, profile, options, image, group) for group in groups],
     }
     if options.redis_address:
@@ -153,7 +157,16 @@ def _port(name: str, number: int) -> dict[str, Any]:
     return {"name": name, "containerPort": number}
 
 
-def _head_group(plan: DeploymentPlan, profile: Profile, image: str) -> dict[str, Any]:
+def _with_files(pod: dict[str, Any], options: RenderOptions) -> dict[str, Any]:
+    """Mount the files claim, where there is one, on the pod's Ray container."""
+    if options.files_pvc:
+        volume, mount = files_volume(options.files_pvc)
+        pod.setdefault("volumes", []).append(volume)
+        pod["containers"][0].setdefault("volumeMounts", []).append(mount)
+    return pod
+
+
+def _head_group(plan: DeploymentPlan, profile: Profile, options: RenderOptions, image: str) -> dict[str, Any]:
     container = {
         "name": "ray-head",
         "image": image,
@@ -184,7 +197,7 @@ def _head_group(plan: DeploymentPlan, profile: Profile, image: str) -> dict[str,
                 "labels": {**APP_LABELS, "app.kubernetes.io/component": HEAD_COMPONENT},
                 "annotations": dict(HEAD_POD_ANNOTATIONS),
             },
-            "spec": _pod(plan, container),
+            "spec": _with_files(_pod(plan, container), options),
         },
     }
 
@@ -222,6 +235,7 @@ def _worker_group(
     if mounts:
         container["volumeMounts"] = mounts
         pod["volumes"] = volumes
+    _with_files(pod, options)
     params = {"num-cpus": str(group.cpus), "metrics-export-port": str(METRICS_PORT)}
     if group.gpus:
         params["num-gpus"] = str(group.gpus)

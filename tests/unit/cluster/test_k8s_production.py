@@ -4,14 +4,18 @@ alone."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
-from cluster.k8s import RenderOptions, rayservice
+from cluster.cli import build_parser, main
+from cluster.k8s import RenderError, RenderOptions, rayservice
 from cluster.k8s.head import REDIS_PASSWORD_KEY, REDIS_SECRET
 from cluster.k8s.pod import IMAGE_GID, IMAGE_UID
 from cluster.k8s.profile import PROFILES
+from cluster.k8s.storage import FILES_MOUNT, FILES_VOLUME
 from deployments.config import ServingConfig
 from deployments.plan import compile_plan
 from tests.unit.cluster.test_k8s import K8S, OVERLAYS, _crd_errors, _docs, _plan, _service, _workers
@@ -154,3 +158,93 @@ def test_head_is_kept_from_evictions(name: str) -> None:
     for group in [*_groups(service)[1:], *_cluster_groups(job["spec"]["rayClusterSpec"])]:
         assert not selector.items() <= group["template"]["metadata"]["labels"].items()
     assert "head-pdb.yaml" in _docs(K8S / "overlays" / name / "kustomization.yaml")[0]["resources"]
+
+
+# -- storage: weights and batch files ---------------------------------------------------------------------------
+
+
+def _storage(name: str, file: str) -> list[dict[str, Any]]:
+    return _docs(K8S / "overlays" / name / "storage" / file)
+
+
+def test_weights_claim_is_read_only_for_serving_and_filled_by_a_job() -> None:
+    overlay = OVERLAYS["gpu-prod"]
+    (claim,) = _storage("gpu-prod", "weights-pvc.yaml")
+    assert claim["metadata"]["name"] == overlay.options.weights_pvc
+    assert claim["spec"]["accessModes"] == ["ReadOnlyMany", "ReadWriteOnce"]
+    for pod in _pods(_service(overlay)):
+        for volume in pod.get("volumes", []):
+            if volume.get("persistentVolumeClaim", {}).get("claimName") == claim["metadata"]["name"]:
+                assert volume["persistentVolumeClaim"]["readOnly"] is True
+                mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == volume["name"])
+                assert mount["readOnly"] is True
+    config_map, job = _storage("gpu-prod", "weights-fill.yaml")
+    spec = job["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    config_file = container["command"][2]
+    assert container["command"] == ["modelfleet", "prepare", config_file, "--download-under", "/models"]
+    weights = next(v for v in spec["volumes"] if "persistentVolumeClaim" in v)
+    assert weights["persistentVolumeClaim"] == {"claimName": claim["metadata"]["name"]}  # read-write
+    assert not any(m.get("readOnly") for m in container["volumeMounts"] if m["name"] == weights["name"])
+    # The Job's config is the one the cluster serves, and `prepare` accepts its flags.
+    served = yaml.safe_load(_service(overlay)["spec"]["serveConfigV2"])["applications"][0]["args"]
+    assert yaml.safe_load(config_map["data"]["config.yaml"]) == served
+    args = build_parser().parse_args(container["command"][1:])
+    assert args.download_under == "/models" and args.func.__name__ == "_cmd_prepare"
+
+
+@pytest.mark.parametrize("name", sorted(OVERLAYS))
+def test_batch_files_live_on_a_read_write_many_claim_on_every_pod(name: str) -> None:
+    overlay = OVERLAYS[name]
+    (claim,) = _storage(name, "files-pvc.yaml")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    service = _service(overlay)
+    files_dir = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["args"]["batches"]["files_dir"]
+    assert files_dir.startswith(FILES_MOUNT + "/")
+    for pod in _pods(service):
+        assert {"name": FILES_VOLUME, "persistentVolumeClaim": {"claimName": claim["metadata"]["name"]}} in pod[
+            "volumes"
+        ]
+        assert {"name": FILES_VOLUME, "mountPath": FILES_MOUNT} in pod["containers"][0]["volumeMounts"]
+    # Data outlives the serving overlay: the claims are in a kustomization of their own.
+    (serving,) = _docs(K8S / "overlays" / name / "kustomization.yaml")
+    assert not any("pvc" in r or "storage" in r for r in serving["resources"])
+
+
+def _router_config(replicas: int, **batches: Any) -> ServingConfig:
+    return ServingConfig.model_validate(
+        {
+            "models": [{"id": "e", "task": "generate", "engine": "echo"}],
+            "router": {"num_replicas": replicas},
+            "batches": batches,
+        }
+    )
+
+
+def test_several_routers_without_a_files_claim_are_refused() -> None:
+    with pytest.raises(RenderError, match="--files-pvc NAME") as refused:
+        rayservice(compile_plan(_router_config(2)), RenderOptions())
+    assert "batches.enabled: false" in str(refused.value)
+    rayservice(compile_plan(_router_config(1)), RenderOptions())  # one router sees its own files
+    rayservice(compile_plan(_router_config(2, enabled=False)), RenderOptions())
+    rayservice(compile_plan(_router_config(2)), RenderOptions(files_pvc="f"))
+    with pytest.raises(RenderError, match="not on the files claim"):
+        rayservice(compile_plan(_router_config(2, files_dir="/srv/files")), RenderOptions(files_pvc="f"))
+
+
+def test_render_k8s_names_the_fix_for_several_routers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "routers.yaml"
+    config.write_text(yaml.safe_dump(_router_config(3).model_dump(mode="json", exclude_unset=True)))
+    assert main(["render-k8s", str(config), "--out", str(tmp_path / "out")]) == 2
+    assert "--files-pvc" in capsys.readouterr().err
+
+
+# -- the RayJob -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(OVERLAYS))
+def test_applying_the_overlay_never_suspends_or_starts_the_rayjob(name: str) -> None:
+    (job,) = _docs(K8S / "overlays" / name / "rayjob.yaml")
+    assert "suspend" not in job["spec"]  # created by hand, so no steady state to return to
+    (kustomization,) = _docs(K8S / "overlays" / name / "kustomization.yaml")
+    assert "rayjob.yaml" not in kustomization["resources"]
