@@ -318,6 +318,7 @@ def _cmd_render_k8s(args: argparse.Namespace) -> int:
         "weights_pvc": args.weights_pvc,
         "files_pvc": args.files_pvc,
         "storage_class": args.storage_class,
+        "ingress_host": args.ingress_host,
         "redis_address": args.redis_address,
         "redis_secret": args.redis_secret,
         "gpu_node_label": args.gpu_node_label,
@@ -449,6 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights-pvc", metavar="NAME", help=field["weights_pvc"].description)
     p.add_argument("--files-pvc", metavar="NAME", help=field["files_pvc"].description)
     p.add_argument("--storage-class", metavar="NAME", help=field["storage_class"].description)
+    p.add_argument("--ingress-host", metavar="HOST", help=field["ingress_host"].description)
     p.add_argument("--redis-address", metavar="ADDRESS", help=field["redis_address"].description)
     p.add_argument("--redis-secret", metavar="NAME", help=field["redis_secret"].description)
     p.add_argument("--gpu-node-label", metavar="KEY", help=field["gpu_node_label"].description)

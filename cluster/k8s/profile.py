@@ -147,6 +147,12 @@ class RenderOptions(FrozenModel):
     redis_secret: str = Field(
         default="modelfleet-redis", description="Secret whose key `password` holds the Redis password."
     )
+    ingress_host: str | None = Field(
+        default=None,
+        description="Render an Ingress that serves this host over HTTPS (TLS ends there, with the certificate in "
+        "Secret modelfleet-tls). Unset: no Ingress.",
+    )
+    ingress_class: str = Field(default="nginx", description="IngressClass of the rendered Ingress.")
     gpu_node_label: str = Field(
         default=GPU_NODE_LABEL, description="Node label that names a node's GPU model (GPU worker groups select on it)."
     )

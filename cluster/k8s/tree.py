@@ -13,6 +13,7 @@ from pathlib import Path
 from cluster.k8s.auth import AUTH_TOKEN_KEY, create_secret_command, secret_template
 from cluster.k8s.errors import RenderError
 from cluster.k8s.head import head_disruption_budget
+from cluster.k8s.ingress import ingress
 from cluster.k8s.manifest import dump
 from cluster.k8s.monitoring import dashboards, dashboards_config_map, pod_monitor
 from cluster.k8s.profile import RenderOptions, default_image
@@ -68,6 +69,7 @@ COMMITTED_OVERLAYS: tuple[Overlay, ...] = (
             weights_pvc="modelfleet-weights",
             files_pvc="modelfleet-batch",
             redis_address="redis://modelfleet-redis:6379",
+            ingress_host="modelfleet.example.com",
         ),
         purpose="Llama 3.1 8B Instruct on two A10G GPUs (weights from the claim), MiniLM on CPU nodes",
     ),
@@ -102,15 +104,23 @@ def render_overlay(
     header = f"Rendered from {source or config_path} (profile {options.profile}).\n{_DO_NOT_EDIT}"
     # `resources` takes the base directory too (kustomize >= 2.1, kubectl >= 1.21); `bases` is deprecated. The
     # RayJob stays out: apply -k must neither start nor stop a batch (cluster/k8s/rayjob.py).
-    kustomization = {**_KUSTOMIZATION, "resources": ["../../base", "rayservice.yaml", "head-pdb.yaml"]}
+    manifests = {
+        "rayservice.yaml": dump(service, header=header),
+        "head-pdb.yaml": dump(head_disruption_budget(plan.config.name), header=header),
+    }
+    if options.ingress_host:
+        served = files_config(plan.config, options)
+        manifests["ingress.yaml"] = dump(
+            ingress(served, host=options.ingress_host, ingress_class=options.ingress_class), header=header
+        )
+    kustomization = {**_KUSTOMIZATION, "resources": ["../../base", *manifests]}
     written = _write_base(out_dir)
     overlay_dir = out_dir / "overlays" / name
     written += _write_dir(
         overlay_dir,
         {
             "kustomization.yaml": dump(kustomization, header=f"Overlay {name}. {header}"),
-            "rayservice.yaml": dump(service, header=header),
-            "head-pdb.yaml": dump(head_disruption_budget(plan.config.name), header=header),
+            **manifests,
             # Not in the kustomization: `kubectl create -f` starts a run.
             "rayjob.yaml": dump(job, header=header),
         },

@@ -13,6 +13,7 @@ import yaml
 from cluster.cli import build_parser, main
 from cluster.k8s import RenderError, RenderOptions, rayservice
 from cluster.k8s.head import REDIS_PASSWORD_KEY, REDIS_SECRET
+from cluster.k8s.ingress import TLS_SECRET
 from cluster.k8s.pod import IMAGE_GID, IMAGE_UID
 from cluster.k8s.profile import PROFILES
 from cluster.k8s.storage import FILES_MOUNT, FILES_VOLUME
@@ -248,3 +249,25 @@ def test_applying_the_overlay_never_suspends_or_starts_the_rayjob(name: str) -> 
     assert "suspend" not in job["spec"]  # created by hand, so no steady state to return to
     (kustomization,) = _docs(K8S / "overlays" / name / "kustomization.yaml")
     assert "rayjob.yaml" not in kustomization["resources"]
+
+
+# -- TLS at the edge --------------------------------------------------------------------------------------------
+
+
+def test_gpu_prod_ingress_ends_tls_in_front_of_the_serve_service() -> None:
+    overlay = OVERLAYS["gpu-prod"]
+    (ingress,) = _docs(K8S / "overlays" / "gpu-prod" / "ingress.yaml")
+    host = overlay.options.ingress_host
+    assert ingress["spec"]["tls"] == [{"hosts": [host], "secretName": TLS_SECRET}]
+    (rule,) = ingress["spec"]["rules"]
+    (path,) = rule["http"]["paths"]
+    config = _plan(overlay).config
+    assert rule["host"] == host and path["path"] == config.route_prefix
+    assert path["backend"]["service"] == {"name": f"{config.name}-serve-svc", "port": {"number": config.router.port}}
+    # A long generation outlives nginx's 60 s default: the proxy waits as long as the router does.
+    annotations = ingress["metadata"]["annotations"]
+    assert int(annotations["nginx.ingress.kubernetes.io/proxy-read-timeout"]) >= config.router.request_timeout_s
+    assert annotations["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"  # streamed tokens
+    (kustomization,) = _docs(K8S / "overlays" / "gpu-prod" / "kustomization.yaml")
+    assert "ingress.yaml" in kustomization["resources"]
+    assert not (K8S / "overlays" / "cpu-dev" / "ingress.yaml").exists()
