@@ -12,7 +12,8 @@ import yaml
 
 from cluster.cli import build_parser, main
 from cluster.k8s import RenderError, RenderOptions, rayservice
-from cluster.k8s.head import REDIS_PASSWORD_KEY, REDIS_SECRET
+from cluster.k8s.auth import AUTH_SECRET, create_secret_command
+from cluster.k8s.head import REDIS_PASSWORD_KEY, REDIS_SECRET, create_redis_secret_command
 from cluster.k8s.ingress import TLS_SECRET
 from cluster.k8s.pod import IMAGE_GID, IMAGE_UID
 from cluster.k8s.profile import PROFILES
@@ -271,3 +272,26 @@ def test_gpu_prod_ingress_ends_tls_in_front_of_the_serve_service() -> None:
     (kustomization,) = _docs(K8S / "overlays" / "gpu-prod" / "kustomization.yaml")
     assert "ingress.yaml" in kustomization["resources"]
     assert not (K8S / "overlays" / "cpu-dev" / "ingress.yaml").exists()
+
+
+# -- the README -------------------------------------------------------------------------------------------------
+
+
+def test_readme_lists_what_a_cluster_needs_before_apply() -> None:
+    text = (K8S / "README.md").read_text()
+    before = text[text.index("## Before `kubectl apply -k`") : text.index("## Deploy")]
+    for need, provider in [
+        ("KubeRay operator 1.7", "helm install kuberay-operator kuberay/kuberay-operator --version 1.7.0"),
+        ("GPU device plugin", "nvidia/gpu-operator"),
+        ("ReadWriteMany storage class", "--storage-class NAME"),
+        ("ReadOnlyMany storage class", "VolumeSnapshot"),
+        ("Redis", create_redis_secret_command()),
+        (f"Ray auth token Secret `{AUTH_SECRET}`", create_secret_command()),
+        (f"TLS Secret `{TLS_SECRET}`", f"kubectl create secret tls {TLS_SECRET}"),
+    ]:
+        row = next((line for line in before.splitlines() if line.startswith(f"| {need}")), None)
+        assert row is not None and provider in row, need
+    assert "kind: StorageClass" in before
+    # NewCluster stays, and what it costs is written down next to the incremental upgrade it was weighed against.
+    upgrades = text[text.index("- **Upgrades.**") :]
+    assert "NewClusterWithIncrementalUpgrade" in upgrades and "twice" in upgrades
