@@ -2,7 +2,7 @@
 of GPU workers, and a stop that lets Serve drain.
 
 - **Security.** Pod Security's `restricted` profile: a fixed non-root user (`IMAGE_UID`:`IMAGE_GID`, the image's
-  user, owning its home and `/app`), no privilege escalation, no capabilities, the runtime's seccomp profile.
+  user), no privilege escalation, no capabilities, the runtime's seccomp profile.
 - **Ephemeral storage.** Requested on every pod: Ray's logs and session files, engine caches (`profile.ephemeral_gib`),
   and room to spill the object store to local disk (Ray spills under /tmp/ray when plasma fills).
 - **Shared memory.** KubeRay mounts a memory-backed /dev/shm the size of the pod's memory unless one is mounted.
@@ -37,10 +37,10 @@ __all__ = [
     "shm_volume",
 ]
 
-# The image's user and group: the manifests run every container as them, so the image must own /app and $HOME
-# (its model cache) for this uid.
+# The image's user: `ray` of Ray's own images (uid 1000, group `users`, gid 100), which the modelfleet image
+# builds on; it owns /app and the model cache. Every container runs as it.
 IMAGE_UID = 1000
-IMAGE_GID = 1000
+IMAGE_GID = 100
 SHM_PATH = "/dev/shm"
 _SHM_VOLUME = "dshm"
 # Serve's own defaults, for a deployment whose options do not set them (the plan sets both).

