@@ -43,11 +43,22 @@ def _port(text: str) -> int:
     return port
 
 
-def prepare_models(config: ServingConfig, only: str | None = None) -> None:
+def prepare_models(config: ServingConfig, only: str | None = None, *, download_under: str | None = None) -> None:
     """Materialise every packaged model of the config (or only the model with id `only`) once (conversions show
-    progress)."""
+    progress); with `download_under`, first download from the Hugging Face Hub the models whose sources lie under
+    that folder (`models.download`).
+
+    Raises:
+        DownloadError: a source under `download_under` does not name a Hub repo.
+    """
+    from models.download import download, hub_targets
     from models.registry import is_packaged, resolve_source
 
+    if download_under is not None:
+        sources = [s.source for s in config.models if s.source and (only is None or s.id == only)]
+        for repo_id, folder in hub_targets(sources, download_under):
+            fetched = download(repo_id, folder)
+            _say(f"{folder}: {'downloaded from ' + repo_id if fetched else 'already complete'}")
     for spec in config.models:
         if only is not None and spec.id != only:
             continue
@@ -284,7 +295,13 @@ def _models_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    prepare_models(_config(args.config))
+    from models.download import DownloadError
+
+    try:
+        prepare_models(_config(args.config), download_under=args.download_under)
+    except DownloadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -309,6 +326,11 @@ def _cmd_render_k8s(args: argparse.Namespace) -> int:
         "image": args.image,
         "working_dir": args.working_dir,
         "weights_pvc": args.weights_pvc,
+        "files_pvc": args.files_pvc,
+        "storage_class": args.storage_class,
+        "ingress_host": args.ingress_host,
+        "redis_address": args.redis_address,
+        "redis_secret": args.redis_secret,
         "gpu_node_label": args.gpu_node_label,
         "gpu_node_values": dict(args.gpu_node_value) or None,
     }
@@ -409,6 +431,12 @@ def build_parser() -> argparse.ArgumentParser:
     _models_parser(sub)
     p = sub.add_parser("prepare", help="convert/build the packaged models a config uses, once")
     with_config(p)
+    p.add_argument(
+        "--download-under",
+        metavar="DIR",
+        help="also download from the Hugging Face Hub each model whose source is DIR/<owner>/<name> (that repo), "
+        "unless its folder is complete",
+    )
     p.set_defaults(func=_cmd_prepare)
     p = sub.add_parser("plan", help="print the deployment plan a config compiles to (Serve options, engine args)")
     with_config(p)
@@ -437,6 +465,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", help=field["image"].description)
     p.add_argument("--working-dir", help=field["working_dir"].description)
     p.add_argument("--weights-pvc", metavar="NAME", help=field["weights_pvc"].description)
+    p.add_argument("--files-pvc", metavar="NAME", help=field["files_pvc"].description)
+    p.add_argument("--storage-class", metavar="NAME", help=field["storage_class"].description)
+    p.add_argument("--ingress-host", metavar="HOST", help=field["ingress_host"].description)
+    p.add_argument("--redis-address", metavar="ADDRESS", help=field["redis_address"].description)
+    p.add_argument("--redis-secret", metavar="NAME", help=field["redis_secret"].description)
     p.add_argument("--gpu-node-label", metavar="KEY", help=field["gpu_node_label"].description)
     p.add_argument(
         "--gpu-node-value",
