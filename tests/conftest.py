@@ -1,4 +1,5 @@
-"""Test tiers are marked from the path (tests/unit -> unit, tests/integration -> integration).
+"""Test tiers are marked from the path (tests/unit -> unit, tests/integration -> integration, tests/cluster ->
+cluster; the cluster tier runs only when -m names it).
 
 Every test session keeps its state in one fresh folder of its own, removed at the end: the cluster home with
 its Ray auth token (MODELFLEET_HOME), Ray's default temp folder (RAY_TMPDIR) and the model cache
@@ -52,8 +53,15 @@ _TESTS = Path(__file__).parent
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         tier = Path(item.fspath).relative_to(_TESTS).parts[0]
-        if tier in {"unit", "integration"}:
+        if tier in {"unit", "integration", "cluster"}:
             item.add_marker(getattr(pytest.mark, tier))
+    # The container tier needs the built image and minutes of both cores: it runs only where -m names it (make
+    # test-cluster), never in a plain run or under another -m (`-m "not slow"` would otherwise select it).
+    if "cluster" not in (config.option.markexpr or ""):
+        skipped = [item for item in items if item.get_closest_marker("cluster")]
+        if skipped:
+            config.hook.pytest_deselected(items=skipped)
+            items[:] = [item for item in items if not item.get_closest_marker("cluster")]
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
