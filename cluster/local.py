@@ -39,8 +39,10 @@ _STARTUP_ENV = {"RAY_prestart_worker_first_driver": "0"}
 #: processes dialling each other on 127.0.0.1 (see cluster/__init__.py); no idle workers at start. The bench's
 #: cluster gets it too.
 CLUSTER_ENV = {**RAY_ENV, **PROXY_ENV, **LOCAL_ONLY_ENV, **_STARTUP_ENV}
-# Ray puts unix sockets at <temp dir>/session_<date>_<time>_<usec>_<pid>/sockets/plasma_store: 63 more bytes.
-_MAX_TEMP_DIR_CHARS = 44
+# Ray puts unix sockets at <temp dir>/session_<date>_<time>_<usec>_<pid>/sockets/<name>; the longest name is the
+# dashboard's (dash_MetricsHead): 69 more bytes with a 7-digit pid, within the 107 of a unix socket path, and a
+# little margin for Ray's other socket names. Past it the dashboard fails to start and takes the head down.
+_MAX_TEMP_DIR_CHARS = 36
 
 
 class ClusterError(RuntimeError):
@@ -133,7 +135,7 @@ def _wait_port(port: int, deadline: float, proc: subprocess.Popen[bytes], log_fi
 def up(
     *,
     num_cpus: int | None = None,
-    dashboard: bool = False,
+    dashboard: bool = True,
     engine_cpus: str = "auto",
     metrics_port: int | None = None,
     ingress: Literal["python", "haproxy"] = "python",
@@ -144,7 +146,7 @@ def up(
     Args:
         num_cpus: logical CPUs to advertise. Defaults to at least 8, more than the cores, so that a model
             replica asking for CPUs never starves the router (see FIELD-NOTES).
-        dashboard: also start Ray's dashboard (needed for `ray job submit`).
+        dashboard: start Ray's dashboard, whose job API runs batch jobs (`ray job submit`, the Batches API).
         engine_cpus: cores kept for engine compute ('auto', 'off' or a CPU list; see `deployments.cpus`):
             recorded in the state, from which `deploy` compiles the plan that hands them to the engines;
             `settle_cpus` moves the rest of the cluster onto the other cores once an app answers. Ray's

@@ -89,6 +89,15 @@ class RouterConfig(FrozenModel):
         "when the replica holding it dies, within `request_timeout_s`; with the same request id, to another replica "
         "or the restarted one. 0: never.",
     )
+    max_migrations: int = Field(
+        2,
+        ge=0,
+        le=10,
+        description="Times a stream whose replica dies after its first chunk goes on on another replica (or the "
+        "restarted one) from the tokens already sent, within `request_timeout_s`; the client sees one stream. "
+        "Engines that report token ids only (vllm, transformers), and not structured outputs or tool calls: those "
+        "end with an error event. 0: never.",
+    )
     num_replicas: int = Field(1, ge=1, description="Replicas of the router (ingress) deployment.")
     tls: TLSConfig | None = Field(None, description="Serve HTTPS with this certificate; unset: plain HTTP.")
     num_cpus: float = Field(0.5, ge=0, description="Logical CPUs reserved for each router replica.")
@@ -130,7 +139,8 @@ class BatchesConfig(FrozenModel):
     enabled: bool = Field(
         True,
         description="Serve `/v1/files` and `/v1/batches`. A batch runs as a Ray job, so the cluster needs Ray's job "
-        "API (its dashboard: `modelfleet up --dashboard`); without it creating a batch answers 503.",
+        "API (its dashboard, which `modelfleet up` starts unless told --no-dashboard); without it creating a batch "
+        "answers 503.",
     )
     files_dir: Path | None = Field(
         None,
@@ -258,6 +268,7 @@ def load_config(path: str | Path) -> ServingConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping with a `models:` list")
     try:
-        return ServingConfig.model_validate(raw)
+        # Relative paths in the config (a sequence's `documents`) are looked for beside the file first.
+        return ServingConfig.model_validate(raw, context={"config_dir": path.resolve().parent})
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, source=str(path))) from None

@@ -23,11 +23,13 @@ __all__ = [
     "KEY_REQUESTS",
     "KEY_TOKENS",
     "METRICS",
+    "MIGRATIONS",
     "RETRIES",
     "TTFT_PARTS",
     "MetricDef",
     "ReplicaMetrics",
     "ReplicaRequest",
+    "count_migration",
     "count_retry",
     "instrument",
     "observe",
@@ -327,12 +329,26 @@ RETRIES = MetricDef(
     ("model", "reason"),
     "router",
 )
-FAULT_METRICS: tuple[MetricDef, ...] = (RETRIES,)
+MIGRATIONS = MetricDef(
+    "modelfleet_migrations",
+    "counter",
+    "Streams whose replica was lost after their first chunk (`outcome`: migrated, the stream went on on another "
+    "replica; else why it ended with the error: engine_without_token_ids, structured_output, tool_calls, "
+    "max_migrations, timeout). Series appear with the first one; kept out of `METRICS` as RETRIES is.",
+    ("model", "outcome"),
+    "router",
+)
+FAULT_METRICS: tuple[MetricDef, ...] = (RETRIES, MIGRATIONS)
 
 
 def count_retry(model_id: str, reason: str) -> None:
     """One request of `model_id` sent again after its replica was lost (`RETRIES`)."""
     instrument(RETRIES).inc(1, tags={"model": model_id, "reason": reason})
+
+
+def count_migration(model_id: str, outcome: str) -> None:
+    """One stream of `model_id` whose replica was lost after its first chunk, and what became of it."""
+    instrument(MIGRATIONS).inc(1, tags={"model": model_id, "outcome": outcome})
 
 
 # -- API keys: usage per key (key names only, never keys) -----------------------------------------------------------

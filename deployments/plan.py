@@ -412,10 +412,11 @@ def _vllm_plan(spec: ModelSpec, engine_cpus: str | None) -> EnginePlan:
         "dtype": "float32" if spec.dtype == "auto" and on_cpu else spec.dtype,
         "tensor_parallel_size": spec.parallelism.tensor_parallel_size,
         "pipeline_parallel_size": spec.parallelism.pipeline_parallel_size,
-        # The `model_name` label of vLLM's own metrics (ray_vllm_*): the model id. Those metrics stay on (vLLM's
-        # default, no `disable_log_stats`); in a replica they go out through Ray's metrics agent
-        # (deployments.metrics). The bench's vLLM-server baseline reads these keywords too: it does the same work.
-        "served_model_name": spec.id,
+        # The `model_name` label of vLLM's own metrics (ray_vllm_*): `id@version` (the bare id when unversioned),
+        # as every modelfleet metric labels `model`. Those metrics stay on (vLLM's default, no
+        # `disable_log_stats`); in a replica they go out through Ray's metrics agent (deployments.metrics). The
+        # bench's vLLM-server baseline reads these keywords too: it does the same work.
+        "served_model_name": spec.versioned_id,
         # Compiling triples the load time on CPU for no measured speed-up.
         "enforce_eager": on_cpu,
     }

@@ -11,8 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, Literal, Protocol, TypeVar
 
 from ray import serve
-from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
-from ray.serve.exceptions import BackPressureError
+from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.handle import DeploymentHandle
 
 from deployments import autoscaling, metrics, timing
@@ -31,14 +30,14 @@ from deployments.engines.protocol import (
 )
 from deployments.errors import (
     ColdStartError,
-    EngineDeadError,
     EngineError,
     InvalidRequestError,
     ModelNotFoundError,
-    OverloadedError,
     RequestTimeoutError,
     ServingError,
 )
+from deployments.failures import ReplicaLostError, map_failure, may_retry
+from deployments.migration import StreamProgress
 from models.spec import ModelSpec, adapter_names, served_names
 
 __all__ = ["Router"]
@@ -75,23 +74,6 @@ _TASK_NAMES = {
 Task = Literal["generate", "embed", "classify", "score"]
 
 
-class _ReplicaLostError(EngineDeadError):
-    """Raised (inside the router) when the replica or the engine holding a request was lost before the request
-    returned: an idempotent request can be sent again. `reason` labels the retry metric."""
-
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None, reason: str = "") -> None:
-        super().__init__(message, param=param, code=code)
-        self.reason = reason or "replica_died"
-
-
-def _lost(cause: BaseException) -> _ReplicaLostError:
-    if isinstance(cause, ActorUnavailableError):
-        return _ReplicaLostError(
-            "The replica serving this model is unreachable; retry shortly", reason="replica_unavailable"
-        )
-    return _ReplicaLostError("The replica serving this model died; retry shortly", reason="replica_died")
-
-
 class Router:
     """Routes requests by model id to that model's Serve deployment."""
 
@@ -111,6 +93,7 @@ class Router:
         self._adapter_handles: dict[tuple[str, bool], DeploymentHandle] = {}
         self._timeout_s = config.router.request_timeout_s
         self._max_retries = config.router.max_retries
+        self._max_migrations = config.router.max_migrations
         self._last_ready: dict[str, bool] = {}
         self._described: dict[str, dict[str, Any]] = {}
         # Scale to zero: replica counts from Serve's controller, requests held per model while it starts, how long
@@ -191,7 +174,9 @@ class Router:
 
     async def stream(self, model_id: str, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         """Stream output chunks as the replica produces them. A stream whose replica is lost before its first chunk
-        is sent again (see `max_retries`); after its first chunk, the loss ends it with the error.
+        is sent again (see `max_retries`); after it, the stream migrates: it goes on on another replica from the
+        tokens already relayed (see `max_migrations` and `deployments.migration`), or, where it cannot, ends with
+        the error.
 
         Raises:
             ServingError: any failure, already mapped; raised from the iteration.
@@ -202,24 +187,32 @@ class Router:
         deadline = time.monotonic() + self._timeout_s
         attempt = 0
         handle = self._handle(model_id, request, stream=True)
+        progress = StreamProgress(request)
+        current = request
         while True:
-            response = await self._send(model_id, lambda: handle.generate.remote(request))
-            started = False
+            response = await self._send(model_id, lambda sent=current: handle.generate.remote(sent))
             try:
                 while True:
                     try:
                         chunk = await self._call(anext(response), deadline - time.monotonic())
                     except StopAsyncIteration:
                         return
-                    except _ReplicaLostError as exc:
-                        if started:
-                            raise
-                        attempt += 1
-                        await self._before_retry(model_id, "stream", request.request_id, exc, attempt, deadline)
+                    except ReplicaLostError as exc:
+                        if not progress.started:
+                            attempt += 1
+                            await self._before_retry(model_id, "stream", request.request_id, exc, attempt, deadline)
+                            break
+                        going_on = await self._migrate(model_id, progress, exc, deadline)
+                        if isinstance(going_on, GenerateChunk):  # nothing was left to generate
+                            yield going_on
+                            return
+                        current = going_on
                         break
-                    started = True
+                    chunk, ended = progress.relay(chunk)
                     watch.chunk(chunk)
                     yield chunk
+                    if ended:
+                        return
             except ServingError:
                 watch.failed()
                 raise
@@ -228,6 +221,35 @@ class Router:
                 # BackPressureError, already mapped above): it would replace the 429 with Serve's plain-text 503.
                 with contextlib.suppress(serve.exceptions.RayServeException):
                     response.cancel()
+
+    async def _migrate(
+        self, model_id: str, progress: StreamProgress, exc: ReplicaLostError, deadline: float
+    ) -> GenerateRequest | GenerateChunk:
+        """The continuation of a stream whose replica was lost after its first chunk, counted and logged.
+
+        Raises:
+            ReplicaLostError: `exc` itself, when the stream cannot migrate, has migrated `max_migrations` times, or
+                its time is up.
+        """
+        left = deadline - time.monotonic()
+        why = progress.not_migratable()
+        if why is None and progress.migrations >= self._max_migrations:
+            why = "max_migrations"
+        if why is None and left <= 0:
+            why = "timeout"
+        metrics.count_migration(model_id, why or "migrated")
+        if why is not None:
+            raise exc
+        logger.warning(
+            "migrating stream %s of model %s (%d of at most %d): %s",
+            progress.request.request_id,
+            model_id,
+            progress.migrations + 1,
+            self._max_migrations,
+            exc.reason,
+        )
+        await asyncio.sleep(min(_RETRY_BACKOFF_S, left))
+        return progress.continuation()
 
     def spec(self, model_id: str) -> ModelSpec:
         """The spec of `model_id`, whatever its task.
@@ -370,20 +392,20 @@ class Router:
             response = await self._send(model_id, lambda: call.remote(payload))
             try:
                 return await self._call(response, deadline - time.monotonic())
-            except _ReplicaLostError as exc:
+            except ReplicaLostError as exc:
                 attempt += 1
                 await self._before_retry(model_id, method, request_id, exc, attempt, deadline)
 
     async def _before_retry(
-        self, model_id: str, what: str, request_id: str | None, exc: _ReplicaLostError, attempt: int, deadline: float
+        self, model_id: str, what: str, request_id: str | None, exc: ReplicaLostError, attempt: int, deadline: float
     ) -> None:
         """Count and log retry number `attempt` of a request whose replica was lost, and pause briefly.
 
         Raises:
-            _ReplicaLostError: `exc` itself, once `max_retries` are spent or the request's time is up.
+            ReplicaLostError: `exc` itself, once `max_retries` are spent or the request's time is up.
         """
         left = deadline - time.monotonic()
-        if not _may_retry(attempt, self._max_retries, left):
+        if not may_retry(attempt, self._max_retries, left):
             if attempt > 1:
                 exc.message = f"{exc.message} (sent {attempt} times, each replica was lost)"
                 exc.args = (exc.message,)
@@ -452,32 +474,6 @@ class Router:
                 f"The request took longer than the router's limit of {self._timeout_s:g} s and was cancelled"
             ) from None
         except (RayTaskError, RayActorError, serve.exceptions.RayServeException) as exc:
-            mapped = _mapped(exc)
+            mapped = map_failure(exc)
             # An unexpected failure keeps Ray's error as its cause, for the logs.
             raise mapped from (exc if type(mapped) is EngineError else None)
-
-
-def _mapped(exc: RayTaskError | RayActorError | serve.exceptions.RayServeException) -> ServingError:
-    """The ServingError of a failed replica call. A `_ReplicaLostError` (retriable) when the replica or its engine
-    was lost while it held the call: Serve itself re-routes only a request whose replica was gone before it took it.
-    """
-    if isinstance(exc, RayTaskError):
-        cause = exc.cause
-        if isinstance(cause, EngineDeadError):  # the replica's engine stopped (died, or is shutting down)
-            return _ReplicaLostError(cause.message, param=cause.param, code=cause.code, reason="engine_dead")
-        if isinstance(cause, ServingError):
-            return cause
-        if isinstance(cause, RayActorError):
-            return _lost(cause)
-        return EngineError(f"replica failed: {type(cause).__name__}")
-    if isinstance(exc, BackPressureError):
-        return OverloadedError("The model's queue is full; retry later")
-    if isinstance(exc, RayActorError):
-        return _lost(exc)
-    return EngineError(f"serve error: {type(exc).__name__}")
-
-
-def _may_retry(attempt: int, max_retries: int, left_s: float) -> bool:
-    """Whether retry number `attempt` (from 1) of a request whose replica was lost goes out, with `left_s` seconds
-    left of its time."""
-    return attempt <= max_retries and left_s > 0

@@ -24,7 +24,9 @@ def _say(line: str) -> None:
 def _running_cluster() -> local.ClusterState:
     state = local.read_state()
     if state is None:
-        raise local.ClusterError("no local cluster is running: start one with `modelfleet up --dashboard`")
+        raise local.ClusterError(
+            "no local cluster is running: start one with `modelfleet up` (its dashboard, on by default, takes jobs)"
+        )
     return state
 
 
@@ -94,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="modelfleet batch",
         description="Batch inference over an OpenAI batch file (one {custom_id, method, url, body} per line), as a "
-        "Ray job on the local cluster started with `modelfleet up --dashboard`. The job reads and writes the files "
+        "Ray job on the local cluster started with `modelfleet up`. The job reads and writes the files "
         "on this machine; the output has one line per input line, in any order.",
     )
     sub = parser.add_subparsers(dest="command", required=True)

@@ -85,7 +85,7 @@ def job_address(state: ClusterState) -> str:
     if state.dashboard_port is None:
         raise BatchError(
             "the local cluster runs without Ray's dashboard, which takes job submissions: "
-            "`modelfleet down`, then `modelfleet up --dashboard`"
+            "`modelfleet down`, then `modelfleet up` without --no-dashboard"
         )
     return f"http://127.0.0.1:{state.dashboard_port}"
 

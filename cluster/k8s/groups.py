@@ -63,6 +63,7 @@ class _Unit:
     demand: Demand
     per_replica: int  # placement units per replica: 1 when packed, one per bundle when spread
     exclusive: bool  # spread: each unit takes a pod of its own
+    gpu_workers: int  # engine workers holding GPUs that one unit puts on a pod together
     min_replicas: int
     max_replicas: int
 
@@ -79,6 +80,7 @@ class WorkerGroup:
     min_replicas: int
     max_replicas: int
     hosts: tuple[str, ...]  # the deployments whose replicas it is sized for
+    tp_workers: int = 0  # the most GPU engine workers (tensor/pipeline parallel) one replica puts on a pod
 
 
 def plan_worker_groups(plan: DeploymentPlan, profile: Profile) -> tuple[WorkerGroup, ...]:
@@ -117,16 +119,17 @@ def _router_unit(plan: DeploymentPlan) -> _Unit:
     options = plan.router_options
     low, high = _replica_bounds(options)
     cpus = float(options.get("ray_actor_options", {}).get("num_cpus", 0.0))
-    return _Unit(options["name"], Demand(cpus, 0.0, 0.0), 1, False, low, high)
+    return _Unit(options["name"], Demand(cpus, 0.0, 0.0), 1, False, 0, low, high)
 
 
 def _model_unit(model: ModelPlan) -> _Unit:
     low, high = _replica_bounds(model.serve_options)
+    gpu_bundles = sum(1 for b in model.bundles if b.get("GPU", 0.0) > 0)
     if model.strategy in _PACKED:
-        return _Unit(model.deployment_name, Demand.of(model.bundles), 1, False, low, high)
+        return _Unit(model.deployment_name, Demand.of(model.bundles), 1, False, gpu_bundles, low, high)
     # Spread bundles may each need a node of their own (STRICT_SPREAD must): size a pod for the largest one.
     largest = max((Demand.of([b]) for b in model.bundles), key=lambda d: (d.gpus, d.cpus, d.memory_bytes))
-    return _Unit(model.deployment_name, largest, len(model.bundles), True, low, high)
+    return _Unit(model.deployment_name, largest, len(model.bundles), True, min(gpu_bundles, 1), low, high)
 
 
 def _accelerator_type(model: ModelPlan) -> str | None:
@@ -161,6 +164,7 @@ def _group(name: str, units: list[_Unit], profile: Profile, *, accelerator_type:
         min_replicas=_fewest_pods(units, pod),
         max_replicas=sum(math.ceil(u.max_replicas * u.per_replica / _fits(u.demand, pod)) for u in units),
         hosts=tuple(u.name for u in units),
+        tp_workers=max(u.gpu_workers for u in units),
     )
 
 

@@ -34,6 +34,10 @@ class Profile:
         gpus: whether GPU worker groups may be rendered.
         idle_timeout_s: how long the autoscaler keeps an idle worker pod.
         worker_env: environment of the worker containers, besides the plan's Ray environment.
+        ephemeral_gib: local disk a pod requests for logs and caches (Ray's session files, engine compile caches),
+            besides room to spill its object store.
+        shm_gib_per_tp_worker: /dev/shm of a GPU worker pod per tensor/pipeline-parallel worker of a replica,
+            besides the object store (NCCL buffers, vLLM's worker message queues).
     """
 
     name: Literal["cpu", "gpu"]
@@ -46,6 +50,8 @@ class Profile:
     gpus: bool
     idle_timeout_s: int
     worker_env: Mapping[str, str] = field(default_factory=dict)
+    ephemeral_gib: int = 10
+    shm_gib_per_tp_worker: int = 2
 
 
 PROFILES: Mapping[str, Profile] = MappingProxyType(
@@ -79,6 +85,8 @@ PROFILES: Mapping[str, Profile] = MappingProxyType(
             gpus=True,
             # GPU nodes take minutes to provision and a model minutes to load: keep them through short lulls.
             idle_timeout_s=300,
+            # torch.compile and CUDA graph caches of the engines, besides Ray's logs.
+            ephemeral_gib=20,
         ),
     }
 )
@@ -115,9 +123,36 @@ class RenderOptions(FrozenModel):
     weights_pvc: str | None = Field(
         default=None, description="PersistentVolumeClaim holding model weights, mounted read-only into the worker pods."
     )
+    weights_size: str = Field(default="100Gi", description="Storage the rendered weights claim asks for.")
+    files_pvc: str | None = Field(
+        default=None,
+        description="ReadWriteMany PersistentVolumeClaim mounted at /batch on every Ray pod: uploaded files and batch "
+        "results (batches.files_dir, /batch/files unless set under /batch) and the RayJob's input and output. "
+        "Needed when several router replicas serve batches.",
+    )
+    files_size: str = Field(default="50Gi", description="Storage the rendered files claim asks for.")
+    storage_class: str | None = Field(
+        default=None,
+        description="StorageClass of the rendered claims: file storage that offers ReadWriteMany and ReadOnlyMany "
+        "(NFS, EFS, Filestore, Azure Files, CephFS). Unset: the cluster's default class.",
+    )
     weights_mount: str = Field(
         default="/models", description="Where the weights claim is mounted; sources may point there."
     )
+    redis_address: str | None = Field(
+        default=None,
+        description="External Redis of GCS fault tolerance (host:port, or a redis:// or rediss:// URL): the head "
+        "can restart without taking the workers down. Unset: no GCS fault tolerance.",
+    )
+    redis_secret: str = Field(
+        default="modelfleet-redis", description="Secret whose key `password` holds the Redis password."
+    )
+    ingress_host: str | None = Field(
+        default=None,
+        description="Render an Ingress that serves this host over HTTPS (TLS ends there, with the certificate in "
+        "Secret modelfleet-tls). Unset: no Ingress.",
+    )
+    ingress_class: str = Field(default="nginx", description="IngressClass of the rendered Ingress.")
     gpu_node_label: str = Field(
         default=GPU_NODE_LABEL, description="Node label that names a node's GPU model (GPU worker groups select on it)."
     )

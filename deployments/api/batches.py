@@ -28,7 +28,8 @@ from pydantic import Field, field_validator
 from deployments.api.files import NotFoundError, request_owner, store, visible
 from deployments.api.wire import WireRequest
 from deployments.auth import check_model
-from deployments.batch.format import URLS
+from deployments.auth.limits import charge
+from deployments.batch.format import URLS, usage_of
 from deployments.batch.spec import BatchJobSpec, partial_path
 from deployments.batch.store import FileStore, new_batch_id, new_file_id
 from deployments.batch.submission import JobAPIError, JobState, connect, job_state, stop_job, submit_job
@@ -127,8 +128,8 @@ def _job_client() -> JobSubmissionClient:
             address = get_webui_url_from_internal_kv()  # the dashboard's host:port, published by the head
             if not address:
                 raise BatchesUnavailableError(
-                    "This cluster runs without Ray's dashboard, which runs batch jobs: start it with the dashboard "
-                    "(`modelfleet up --dashboard`)",
+                    "This cluster runs without Ray's dashboard, which runs batch jobs: start it without --no-dashboard "
+                    "(`modelfleet down`, then `modelfleet up`), or set batches.enabled: false",
                     code="batch_service_unavailable",
                 )
             try:
@@ -298,8 +299,10 @@ def _refresh(record: dict[str, Any]) -> dict[str, Any]:
     if state.status == "SUCCEEDED":
         now.update(_register_results(files, record, partial=False), status="completed")
         now["finalizing_at"] = now["completed_at"] = ended
+        _charge_once(files, now)
     elif state.status == "STOPPED":
         now.update(_register_results(files, record, partial=True), status="cancelled", cancelled_at=ended)
+        _charge_once(files, now)
     else:
         message = state.message or "the batch job failed"
         now.update(status="failed", failed_at=ended)
@@ -307,6 +310,17 @@ def _refresh(record: dict[str, Any]) -> dict[str, Any]:
     now["final"] = True
     files.put_batch(record["id"], now)
     return now
+
+
+def _charge_once(files: FileStore, record: dict[str, Any]) -> None:
+    """Charge the tokens of a batch's answered lines to its key, once whichever router replica finalises it. Runs
+    in a request of the batch's own key (only it sees the batch), so `charge` finds that key's buckets."""
+    output = record.get("output_file_id")
+    if output is None or not files.claim(record["id"], "charged"):
+        return
+    with files.content_path(output).open("rb") as lines:
+        prompt_tokens, completion_tokens = usage_of(lines)
+    charge(prompt_tokens, completion_tokens)
 
 
 def _wire(record: dict[str, Any]) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from deployments.errors import InvalidRequestError
 from deployments.router import Router
 from models.scaling import ScalingConfig
 
-__all__ = ["Completion", "SYSTEM_FINGERPRINT"]
+__all__ = ["Completion", "SYSTEM_FINGERPRINT", "check_generations", "generations_at_once"]
 
 SYSTEM_FINGERPRINT = "modelfleet-0.1.0"
 _END = object()
@@ -39,7 +39,7 @@ def _choices_of(request: GenerateRequest, n: int) -> list[GenerateRequest]:
     return out
 
 
-def _generations_at_once(scaling: ScalingConfig) -> int | None:
+def generations_at_once(scaling: ScalingConfig) -> int | None:
     """Most generations of one model that a request may start at once: the bound of the router's queue for the
     model (`max_queued_requests`, past which Serve refuses with a 429: see the plan). A request's choices all start
     at once and Serve counts each as queued until a replica takes it, so every choice past that bound is refused
@@ -57,17 +57,31 @@ def _check_fits(router: Router, body: ChatCompletionRequest | CompletionRequest,
     Raises:
         InvalidRequestError: the request asks more generations than the model takes at once.
     """
-    if not isinstance(router, Router):  # a pipeline's calls: each node's model has its own bound
+    if not isinstance(router, Router):  # a pipeline's calls: the pipeline checks its own bound
         return
-    most = _generations_at_once(router.spec_for(body.model, "generate").scaling)
+    most = generations_at_once(router.spec_for(body.model, "generate").scaling)
+    check_generations(
+        body, prompts, most, f"the model '{body.model}' takes at most {most} (its scaling.max_queued_requests)"
+    )
+
+
+def check_generations(
+    body: ChatCompletionRequest | CompletionRequest, prompts: int, most: int | None, limit: str
+) -> None:
+    """Refuse a request whose choices (`prompts` x `n`) are more than `most` (None: no bound); `limit` says whose
+    bound it is.
+
+    Raises:
+        InvalidRequestError: naming the limit, and `n` or `prompt`.
+    """
     wanted = prompts * body.n
     if most is None or wanted <= most:
         return
     asked = f"{prompts} prompts x n={body.n}" if prompts > 1 else f"n={body.n}"
     param = "n" if body.n > 1 and prompts <= most else "prompt"
     raise InvalidRequestError(
-        f"This request asks {wanted} generations at once ({asked}); the model '{body.model}' takes at most {most} "
-        "(its scaling.max_queued_requests): lower `n` or send fewer prompts per request",
+        f"This request asks {wanted} generations at once ({asked}); {limit}: lower `n` or send fewer prompts per "
+        "request",
         param=param,
     )
 

@@ -61,9 +61,22 @@ _state = _State()
 
 
 def configure(config: BatchesConfig) -> None:
-    """Serve the files folder of `config` (in this ingress process)."""
+    """Serve the files folder of `config` (in this ingress process), checked now: a folder this replica cannot write
+    fails its start, naming the setting, rather than each upload later.
+
+    Raises:
+        RuntimeError: `batches.files_dir` cannot be written here.
+    """
     _state.config = config
     _state.store = FileStore(config.folder())
+    if config.enabled:
+        try:
+            _state.store.check_writable()
+        except OSError as exc:
+            raise RuntimeError(
+                f"batches.files_dir: cannot write to {config.folder()} ({exc.strerror or exc}): give a folder this "
+                "router replica can write (shared with the batch jobs), or set batches.enabled: false"
+            ) from None
 
 
 _OFF = "The Files and Batches API is off on this server (config `batches.enabled`)"

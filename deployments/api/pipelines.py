@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
 from deployments import metrics
-from deployments.api.completions import Completion
+from deployments.api.completions import Completion, check_generations, generations_at_once
 from deployments.api.embeddings import embedding_body
 from deployments.api.openai_models import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ModelCard
 from deployments.api.scoring import (
@@ -220,6 +220,9 @@ async def _generate(
     chat: bool,
     echo: list[str] | None = None,
 ) -> Response:
+    most = _generations_at_once(pipelines, body.model)
+    limit = f"the pipeline '{body.model}' takes at most {most} (the scaling.max_queued_requests of its models)"
+    check_generations(body, len(gens), most, limit)
     # PipelineCalls has the two Router methods Completion calls (complete, stream), with the same signatures.
     calls = cast("Router", pipelines.calls(ctx))
     completion = Completion(calls, body, gens, chat=chat, echo=echo)
@@ -230,6 +233,24 @@ async def _generate(
     # stream() waits for every choice's first chunk: the models that answer are known before the headers go.
     stream = await completion.stream()
     return StreamingResponse(_tagged(stream, ctx), media_type="text/event-stream", headers=_answered(ctx))
+
+
+def _generations_at_once(pipelines: Pipelines, name: str) -> int | None:
+    """Most generations a request to model or pipeline `name` can start at once (None: no bound). All of a
+    request's choices go to one target: a split or switch may pick any of its targets (the smallest bound), a
+    fallback moves on to the next target when one refuses (the largest), a sequence sends them to its model."""
+    plan = pipelines.plans.get(name)
+    if plan is None:
+        return generations_at_once(pipelines.router.spec(name).scaling)
+    spec = plan.spec
+    if spec.kind == "sequence":
+        return _generations_at_once(pipelines, spec.model or "")
+    targets = [t.model for t in spec.targets or ()] + [r.model for r in spec.rules or ()]
+    bounds = [_generations_at_once(pipelines, t) for t in [*targets, *([spec.default] if spec.default else [])]]
+    if spec.kind == "fallback":
+        return None if None in bounds else max(b for b in bounds if b is not None)
+    known = [b for b in bounds if b is not None]
+    return min(known) if known else None
 
 
 async def _tagged(stream: AsyncIterator[bytes], ctx: CallContext) -> AsyncIterator[bytes]:

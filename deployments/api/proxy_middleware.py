@@ -1,4 +1,8 @@
-"""An ASGI middleware for Serve's HTTP proxy: a 400 for request headers the proxy cannot decode.
+"""An ASGI middleware for Serve's HTTP proxy: a 431 for too many or too large request headers, and a 400 for
+request headers the proxy cannot decode.
+
+Serve's proxy takes headers of any size and count (an 8 MB header and 100,000 headers were accepted), each parsed
+and copied on every hop: the middleware bounds them as web servers do (nginx's default buffers hold 32 KiB).
 
 Serve's proxy decodes the request id (`x-request-id`), the session id (`x-session-id`, or the header named by
 `RAY_SERVE_SESSION_ID_HEADER_KEY`) and the multiplexed model id as UTF-8 before any code of ours runs, and answers
@@ -18,11 +22,24 @@ from ray.serve._private.constants import SERVE_HTTP_REQUEST_ID_HEADER, SERVE_MUL
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-__all__ = ["CALLBACK_IMPORT_PATH", "PROXY_ENV", "HeaderCheckMiddleware", "proxy_middlewares"]
+__all__ = [
+    "CALLBACK_IMPORT_PATH",
+    "MAX_HEADERS",
+    "MAX_HEADER_BYTES",
+    "PROXY_ENV",
+    "HeaderCheckMiddleware",
+    "header_problem",
+    "proxy_middlewares",
+]
 
 CALLBACK_IMPORT_PATH = "deployments.api.proxy_middleware:proxy_middlewares"
 #: The environment a Ray process needs for its Serve proxies to use this middleware.
 PROXY_ENV = {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": CALLBACK_IMPORT_PATH}
+
+
+#: Most request headers, and most bytes of names and values together, that a request may carry.
+MAX_HEADERS = 128
+MAX_HEADER_BYTES = 32 * 1024
 
 
 def _normal(name: str) -> str:
@@ -52,15 +69,30 @@ def undecodable_header(headers: list[tuple[bytes, bytes]]) -> str | None:
     return None
 
 
-def _error_body(header: str) -> bytes:
-    message = f"The request header '{header}' is not valid UTF-8"
-    error = {"message": message, "type": "invalid_request_error", "param": header, "code": None}
+def header_problem(headers: list[tuple[bytes, bytes]]) -> tuple[int, str, str | None, str] | None:
+    """What is wrong with a request's headers, as (status, message, param, code), or None."""
+    if len(headers) > MAX_HEADERS:
+        message = f"The request has {len(headers)} headers; at most {MAX_HEADERS} are accepted"
+        return 431, message, None, "request_header_fields_too_large"
+    size = sum(len(name) + len(value) for name, value in headers)
+    if size > MAX_HEADER_BYTES:
+        message = f"The request headers hold {size} bytes; at most {MAX_HEADER_BYTES} are accepted"
+        return 431, message, None, "request_header_fields_too_large"
+    header = undecodable_header(headers)
+    if header is not None:
+        return 400, f"The request header '{header}' is not valid UTF-8", header, None
+    return None
+
+
+def _error_body(message: str, param: str | None, code: str | None) -> bytes:
+    error = {"message": message, "type": "invalid_request_error", "param": param, "code": code}
     return json.dumps({"error": error}).encode()
 
 
 class HeaderCheckMiddleware:
-    """Answers an HTTP request with a header that Serve's proxy cannot decode with a 400 (a WebSocket with a
-    refusal, 403), before the proxy sees it; passes every other request on untouched."""
+    """Answers an HTTP request whose headers are too many or too large with a 431, or that has a header Serve's
+    proxy cannot decode with a 400 (a WebSocket with a policy-violation close), before the proxy sees it; passes
+    every other request on untouched."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -69,18 +101,19 @@ class HeaderCheckMiddleware:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        header = undecodable_header(scope.get("headers", []))
-        if header is None:
+        problem = header_problem(scope.get("headers", []))
+        if problem is None:
             await self.app(scope, receive, send)
             return
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008})
             return
-        body = _error_body(header)
+        status, message, param, code = problem
+        body = _error_body(message, param, code)
         await send(
             {
                 "type": "http.response.start",
-                "status": 400,
+                "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
             }
         )

@@ -177,3 +177,16 @@ def is_failure(line: dict[str, Any]) -> bool:
     """Whether an output line reports a failure (no response, or a status other than 200)."""
     response = line.get("response")
     return line.get("error") is not None or not response or response.get("status_code") != 200
+
+
+def usage_of(lines: Iterable[bytes]) -> tuple[int, int]:
+    """Prompt and completion tokens of the answered lines of an output file (lines that do not parse count 0)."""
+    prompt = completion = 0
+    for raw in lines:
+        try:
+            usage = json.loads(raw)["response"]["body"].get("usage") or {}
+            prompt += int(usage.get("prompt_tokens") or 0)
+            completion += int(usage.get("completion_tokens") or 0)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            continue
+    return prompt, completion

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -80,6 +81,17 @@ class FileStore:
     def _ready(self) -> None:
         self._files.mkdir(parents=True, exist_ok=True)
         self._batches.mkdir(parents=True, exist_ok=True)
+
+    def check_writable(self) -> None:
+        """Create the store's folders and write a file in each.
+
+        Raises:
+            OSError: they cannot be created or written.
+        """
+        self._ready()
+        for folder in (self._files, self._batches):
+            with tempfile.NamedTemporaryFile(dir=folder):
+                pass
 
     def content_path(self, file_id: str) -> Path:
         """Where the content of `file_id` lives (or will: a batch job writes its results there)."""
@@ -161,6 +173,16 @@ class FileStore:
         """Store (or replace) a batch's record."""
         self._ready()
         _write_json(self._batches / f"{batch_id}.json", data)
+
+    def claim(self, batch_id: str, what: str) -> bool:
+        """True for the first caller only, across router replicas sharing the folder: a step of a batch that must
+        happen once (charging its tokens)."""
+        self._ready()
+        try:
+            os.close(os.open(self._batches / f"{batch_id}.{what}", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        except FileExistsError:
+            return False
+        return True
 
     def get_batch(self, batch_id: str) -> dict[str, Any] | None:
         """A batch's record, or None (also for a string that is no batch id)."""

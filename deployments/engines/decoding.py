@@ -40,6 +40,7 @@ class Sequence:
         self._eos_ids = eos_ids
         self._prompt_tokens = len(item.payload.prompt_ids)
         self._ids: list[int] = []  # generated ids that make text (EOS excluded)
+        self._unsent: list[int] = []  # generated ids not yet reported in a chunk
         self._count = 0
         self._sent = 0  # characters of text already sent
         # Penalised ids (prompt and output, as vLLM does); logit bias and EOS ids as tensors, built once.
@@ -65,6 +66,7 @@ class Sequence:
     def push(self, token: int) -> bool:
         """Add one generated token and send the text that became final; True once the sequence is done."""
         self._count += 1
+        self._unsent.append(token)
         if self._seen:
             self._seen.append(token)
         finish: FinishReason | None = None
@@ -92,8 +94,13 @@ class Sequence:
         self._sent = max(self._sent, end)
         if delta or finish is not None:
             chunk = GenerateChunk(
-                text=delta, prompt_tokens=self._prompt_tokens, completion_tokens=self._count, finish_reason=finish
+                text=delta,
+                prompt_tokens=self._prompt_tokens,
+                completion_tokens=self._count,
+                finish_reason=finish,
+                token_ids=tuple(self._unsent),
             )
+            self._unsent = []
             self.item.send(chunk, final=finish is not None)
         return finish is not None
 

@@ -272,6 +272,11 @@ class GenerateRequest(FrozenModel):
     )
     tool_name: str | None = Field(None, description="tool_choice 'function': the function to call.")
     parallel_tool_calls: bool = Field(True, description="tool_choice 'required': more than one call allowed.")
+    continuation: tuple[int, ...] = Field(
+        (),
+        description="Tokens this request already generated on a replica that was lost (a migrated stream): they "
+        "follow the rendered prompt, so generation goes on where it stopped; `sampling` counts only what is left.",
+    )
 
     @model_validator(mode="after")
     def _one_input(self) -> GenerateRequest:
@@ -312,6 +317,11 @@ class GenerateChunk(FrozenModel):
     finish_reason: FinishReason | None = None
     logprobs: tuple[TokenLogprob, ...] | None = None
     tool_calls: tuple[ToolCallDelta, ...] | None = Field(None, description="Pieces of tool calls in this chunk.")
+    token_ids: tuple[int, ...] | None = Field(
+        None,
+        description="The tokens generated since the previous chunk (with any whose text is still held back), from "
+        "engines that report them: what a migrated stream continues from. None: the engine does not report them.",
+    )
     replica: str | None = Field(
         None, description="The Serve replica that served the request: set on a stream's first chunk and on a result."
     )

@@ -203,6 +203,9 @@ class TransformersEngine(TorchModelEngine, EmbeddingEngine):
         ids = list(ids)
         if not ids:
             raise InvalidRequestError("the prompt is empty", param=param)
+        if request.continuation:  # a migrated stream: what it generated elsewhere follows the prompt
+            check_token_ids(request.continuation, self._vocab_size, param)
+            ids += request.continuation
         check_context(self._context_length, len(ids), sampling, param)
         return GenerateJob(ids, sampling)
 

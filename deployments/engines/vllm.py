@@ -155,11 +155,12 @@ class VLLMEngine(LoRAMixin, HFTokenizerMixin, Engine):
             await self._gate.acquire(lora is None)
         stream = llm.generate(TokensPrompt(prompt_token_ids=ids), params, request_id, lora_request=lora)
         want_logprobs = request.sampling.logprobs is not None
-        count, pending = 0, []
+        count, pending, pending_ids = 0, [], []
         try:
             async for output in stream:
                 out = output.outputs[0]
                 count += len(out.token_ids)
+                pending_ids.extend(out.token_ids)
                 if want_logprobs:
                     pending.extend(self._logprobs(out, request.sampling.logprobs or 0))
                 finish = _finish_reason(out.finish_reason, request_id) if output.finished else None
@@ -176,8 +177,9 @@ class VLLMEngine(LoRAMixin, HFTokenizerMixin, Engine):
                     finish_reason=finish,
                     logprobs=tuple(pending) if want_logprobs else None,
                     tool_calls=calls or None,
+                    token_ids=tuple(pending_ids),
                 )
-                pending = []
+                pending, pending_ids = [], []
                 if finish is not None:
                     return
             raise EngineError(f"vLLM ended request {request_id} without a finish reason")
@@ -353,6 +355,9 @@ class VLLMEngine(LoRAMixin, HFTokenizerMixin, Engine):
             ids = self._render(request)
         if not ids:
             raise InvalidRequestError("the prompt is empty", param=param)
+        if request.continuation:  # a migrated stream: what it generated elsewhere follows the prompt
+            check_token_ids(request.continuation, self._vocab_size, param)
+            ids = ids + list(request.continuation)
         check_context(self._context_length, len(ids), sampling, param)
         return ids
 

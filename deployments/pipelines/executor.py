@@ -85,9 +85,7 @@ class Pipelines:
         self.plans = {p.spec.id: p for p in plans}
         self._timeout_s = timeout_s
         self._retrievers = {
-            p.spec.id: Retriever(p.spec.retrieve.path(), p.spec.retrieve.max_passages)
-            for p in plans
-            if p.spec.retrieve is not None
+            p.spec.id: Retriever(p.spec.retrieve.passages or ()) for p in plans if p.spec.retrieve is not None
         }
         self._rng = random.Random()
 

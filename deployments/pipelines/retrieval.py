@@ -1,46 +1,18 @@
-"""Retrieval for sequences: a document set split into passages, embedded once, searched by cosine similarity."""
+"""Retrieval for sequences: the passages of a document set, embedded once, searched by cosine similarity."""
 
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import Awaitable, Callable, Sequence
-from pathlib import Path
 
 import numpy as np
 
-from deployments.errors import EngineError
+__all__ = ["PassageIndex", "Retriever"]
 
-__all__ = ["PassageIndex", "Retriever", "load_passages"]
-
-_SUFFIXES = (".md", ".txt")
-_PARAGRAPH = re.compile(r"\n\s*\n")
-_HEADING = re.compile(r"^#+\s")
 # Passages embedded per call while the index is built: one request of a size every engine batches well.
 _EMBED_BATCH = 64
 
 Embed = Callable[[Sequence[str]], Awaitable[Sequence[Sequence[float]]]]
-
-
-def load_passages(path: Path, max_passages: int) -> list[str]:
-    """The paragraphs of a file, or of every *.md / *.txt file in a folder (sorted by name); bare headings are
-    dropped.
-
-    Raises:
-        EngineError: nothing to read, or more than `max_passages` passages.
-    """
-    files = sorted(p for p in path.rglob("*") if p.suffix in _SUFFIXES) if path.is_dir() else [path]
-    passages = []
-    for file in files:
-        for block in _PARAGRAPH.split(file.read_text(encoding="utf-8")):
-            text = " ".join(block.split())
-            if text and not (_HEADING.match(text) and "\n" not in block.strip()):
-                passages.append(text)
-    if not passages:
-        raise EngineError(f"the document set {path} holds no passages (*.md or *.txt paragraphs)")
-    if len(passages) > max_passages:
-        raise EngineError(f"the document set {path} holds {len(passages)} passages, above max_passages {max_passages}")
-    return passages
 
 
 class PassageIndex:
@@ -68,9 +40,8 @@ class Retriever:
     and a constructor cannot wait for it without blocking the deployment.
     """
 
-    def __init__(self, path: Path, max_passages: int) -> None:
-        self.path = path
-        self.max_passages = max_passages
+    def __init__(self, passages: Sequence[str]) -> None:
+        self.passages = list(passages)
         self._index: PassageIndex | None = None
         self._lock = asyncio.Lock()
 
@@ -82,7 +53,7 @@ class Retriever:
         """
         async with self._lock:
             if self._index is None:
-                passages = await asyncio.to_thread(load_passages, self.path, self.max_passages)
+                passages = self.passages
                 vectors: list[Sequence[float]] = []
                 for start in range(0, len(passages), _EMBED_BATCH):
                     vectors.extend(await embed(passages[start : start + _EMBED_BATCH]))

@@ -9,12 +9,12 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from deployments.pipelines.documents import read_document_set
 from models.spec import FrozenModel, ModelSpec, served_names
 
 __all__ = [
-    "DOCUMENTS_ROOT",
     "TEMPLATE_FIELDS",
     "PipelinePlan",
     "PipelineSpec",
@@ -25,9 +25,6 @@ __all__ = [
     "plan_pipelines",
 ]
 
-# Relative `retrieve.documents` paths are relative to the repository root: Ray's runtime_env working_dir is that
-# root on every node, and the router replica reads the files.
-DOCUMENTS_ROOT = Path(__file__).resolve().parents[2]
 # The placeholders a sequence's `template` may use.
 TEMPLATE_FIELDS = ("question", "passages", "label")
 Kind = Literal["sequence", "switch", "ensemble", "split", "fallback"]
@@ -134,34 +131,42 @@ class RetrieveConfig(FrozenModel):
     """A sequence's retrieval step: embed the question, take the nearest passages of a document set."""
 
     model: str = Field(description="The embedding model (task 'embed') that embeds the documents and the question.")
-    documents: str = Field(
-        description="A text/markdown file, or a folder of them (*.md, *.txt), relative to the repository root or "
-        "absolute. Passages are the paragraphs (split at blank lines); they are embedded once per router replica, "
-        "on the pipeline's first request, and kept in that replica."
+    documents: str | None = Field(
+        None,
+        description="A text/markdown file, or a folder of them (*.md, *.txt), absolute or relative to the config "
+        "file's folder (then to the project root). Read when the config is loaded, so a missing or empty set fails "
+        "the deploy; its passages (the paragraphs, split at blank lines) travel inside the config to the router "
+        "replica wherever it runs, and are embedded once per router replica, on the pipeline's first request.",
+    )
+    passages: tuple[str, ...] | None = Field(
+        None,
+        description="The passages themselves: filled from `documents` when the config is loaded; give them here "
+        "instead of `documents` to inline a document set.",
     )
     top_k: int = Field(3, ge=1, le=64, description="How many passages go into the prompt, nearest first.")
-    max_passages: int = Field(4096, ge=1, description="Most passages the document set may hold (refused at start).")
+    max_passages: int = Field(4096, ge=1, description="Most passages the document set may hold (refused at load).")
 
-    @field_validator("documents")
+    @model_validator(mode="before")
     @classmethod
-    def _exists(cls, value: str) -> str:
-        path = resolve_documents(value)
-        if not path.exists():
-            raise ValueError(
-                f"`documents` '{value}' does not exist (looked at {path}): give a file or folder of passages, "
-                "absolute or relative to the repository root"
-            )
-        return value
+    def _read_documents(cls, data: object, info: ValidationInfo) -> object:
+        if not isinstance(data, dict) or data.get("passages") is not None or not isinstance(data.get("documents"), str):
+            return data
+        config_dir = (info.context or {}).get("config_dir")
+        max_passages = data.get("max_passages", cls.model_fields["max_passages"].default)
+        if not isinstance(max_passages, int) or max_passages < 1:
+            return data  # the field's own check names it
+        _, passages = read_document_set(data["documents"], config_dir, max_passages)
+        return {**data, "passages": passages}
 
-    def path(self) -> Path:
-        """The document file or folder."""
-        return resolve_documents(self.documents)
-
-
-def resolve_documents(value: str) -> Path:
-    """A document path: absolute as given, else under the repository root."""
-    path = Path(value)
-    return path if path.is_absolute() else DOCUMENTS_ROOT / path
+    @model_validator(mode="after")
+    def _some_passages(self) -> RetrieveConfig:
+        if self.passages is None:
+            raise ValueError("give `documents` (a file or folder of passages) or `passages`")
+        if not self.passages:
+            raise ValueError("`passages` is empty: give at least one passage")
+        if len(self.passages) > self.max_passages:
+            raise ValueError(f"{len(self.passages)} passages, above `max_passages` {self.max_passages}")
+        return self
 
 
 class PipelineSpec(FrozenModel):

@@ -1,9 +1,9 @@
 """Faults on a real cluster, through the real HTTP API: a vLLM replica SIGKILLed under load loses no request (the
 router sends the lost ones again, to the survivor); a stream that loses its replica before its first token is sent
-again, and one that loses it later ends with an error event, never a hang; a model's only replica killed is waited
-for; a wedged engine (accepts, never answers) fails its health check, is replaced, and its requests are retried;
-`/readyz` stays 200 while a replica is saturated (busy is not unready); a model whose weights fail to load shows
-in `modelfleet status` while the others serve.
+again, and one that loses it later migrates (it goes on elsewhere with the same greedy text), never a hang; a
+model's only replica killed is waited for; a wedged engine (accepts, never answers) fails its health check, is
+replaced, and its requests are retried; `/readyz` stays 200 while a replica is saturated (busy is not unready); a
+model whose weights fail to load shows in `modelfleet status` while the others serve.
 
 Counts (sent, failed, retried) are printed (run with -s to see them). Retries are read from the router's
 `modelfleet_retries` counter on each node's Ray metrics port. vLLM runs two replicas: one killed takes a minute or
@@ -28,6 +28,7 @@ import pytest
 
 from cluster import deploy as deploying
 from cluster.local import ClusterError, ClusterState
+from deployments.api.ingress import REPLICA_HEADER
 from tests.integration.conftest import metric_samples, wait_for
 
 pytestmark = pytest.mark.slow
@@ -41,6 +42,7 @@ STREAM_DEADLINE_S = 150.0  # every stream ends within this, whatever happens to 
 METRICS_TIMEOUT_S = 90.0  # Ray's metrics agent exports every few seconds
 WEDGE_AFTER = 5  # the wedging replica's warm-up, then 4 answers, then it hangs
 PROMPT = "Tell me a short story about a fox and a crow in the forest"
+STREAM_TOKENS = 48
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +101,7 @@ def _replica_actors(deployment: str) -> list[dict[str, Any]]:
     table = ray._private.state.actors()  # noqa: SLF001
     name = f"ServeReplica:{APP}:replica:{deployment}"
     return [
-        {"id": actor_id, "pid": info["Pid"]}
+        {"id": actor_id, "pid": info["Pid"], "name": info["Name"]}
         for actor_id, info in table.items()
         if info["ActorClassName"] == name and info["State"] == "ALIVE" and info["Pid"]
     ]
@@ -112,10 +114,14 @@ def _running(deployment: str) -> int:
     return dep.replica_states.get("RUNNING", 0)
 
 
-def _kill_one_replica(deployment: str) -> dict[str, Any]:
-    """SIGKILL one replica actor of the deployment (only that process, by its PID)."""
+def _kill_one_replica(deployment: str, serving: str | None = None) -> dict[str, Any]:
+    """SIGKILL one replica actor of the deployment (only that process, by its PID): the one whose Serve replica id
+    is `serving` (a recent answer's x-modelfleet-replica, so the victim surely holds requests), else any."""
     actors = _replica_actors(deployment)
     assert actors, f"no live replica actor of '{deployment}' found in Ray's actor table"
+    if serving is not None:  # Serve names a replica's actor SERVE_REPLICA::<app>#<deployment>#<replica id>
+        actors = [a for a in actors if a["name"].endswith(f"#{serving}")]
+        assert actors, f"replica {serving} of '{deployment}' is not among the live actors"
     victim = actors[0]
     os.kill(victim["pid"], signal.SIGKILL)
     return victim
@@ -187,14 +193,17 @@ def test_sigkill_of_a_vllm_replica_loses_no_non_streaming_request(app: str) -> N
     wait_for(lambda: len(_replica_actors("llama")) == 2, timeout=60, message="two live 'llama' replica actors")
     before = _counters("llama")
     sent, failures, done = 200, [], []
+    serving: list[str] = []  # the replica of each answer, in order
     lock = threading.Lock()
 
     def one(i: int) -> None:
         try:
-            reply = client.chat.completions.create(
+            raw = client.chat.completions.with_raw_response.create(
                 model="llama", messages=[{"role": "user", "content": f"{PROMPT} {i}"}], max_tokens=16
             )
-            assert reply.choices[0].finish_reason in ("stop", "length")
+            assert raw.parse().choices[0].finish_reason in ("stop", "length")
+            with lock:
+                serving.append(raw.headers[REPLICA_HEADER])
         except Exception as exc:  # noqa: BLE001 - counted and shown below
             with lock:
                 failures.append(f"{i}: {type(exc).__name__}: {exc}")
@@ -205,7 +214,9 @@ def test_sigkill_of_a_vllm_replica_loses_no_non_streaming_request(app: str) -> N
     with ThreadPoolExecutor(16) as pool:
         futures = [pool.submit(one, i) for i in range(sent)]
         wait_for(lambda: len(done) >= 40, timeout=REQUEST_TIMEOUT_S, message="40 requests answered before the kill")
-        victim = _kill_one_replica("llama")
+        with lock:
+            busy = serving[-1]
+        victim = _kill_one_replica("llama", serving=busy)
         in_flight_at_kill = min(16, sent - len(done))
         for f in futures:
             f.result()
@@ -218,71 +229,118 @@ def test_sigkill_of_a_vllm_replica_loses_no_non_streaming_request(app: str) -> N
     assert retried, "a replica died under load, yet no request was retried"
 
 
-def test_sigkill_of_a_vllm_replica_during_streams_hangs_none(app: str) -> None:
-    """Streams whose replica dies before their first token are sent again (the client sees a whole stream); the
-    ones cut later end with an error event; none hangs."""
-    wait_for(
-        lambda: _running("llama") == 2,
-        timeout=RESTART_TIMEOUT_S,
-        message="the killed 'llama' replica did not come back",
-    )
-    before = _counters("llama")
-    sent = 96
-    outcomes: dict[int, tuple[str, int]] = {}  # stream -> (ok | error_event | http_<status> | hung, chunks)
+def _greedy_stream(app: str, i: int) -> dict[str, Any]:
+    """One greedy stream of 48 tokens (ignore_eos): its text, how it ended, its usage, its replica and the longest
+    pause between two of its events."""
+    body = {
+        "model": "llama",
+        "messages": [{"role": "user", "content": f"{PROMPT} {i}"}],
+        "max_tokens": STREAM_TOKENS,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    seen: dict[str, Any] = {"outcome": "hung", "text": "", "usage": None, "replica": None, "pause_s": 0.0, "ids": set()}
+    try:
+        with httpx.stream(
+            "POST", f"{app}/v1/chat/completions", json=body, timeout=httpx.Timeout(STREAM_DEADLINE_S)
+        ) as response:
+            if response.status_code != 200:
+                response.read()
+                seen["outcome"] = f"http_{response.status_code}: {response.text[:200]}"
+                return seen
+            seen["replica"] = response.headers.get(REPLICA_HEADER)
+            last = time.monotonic()
+            for line in response.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                now = time.monotonic()
+                seen["pause_s"] = max(seen["pause_s"], now - last)
+                last = now
+                data = line.removeprefix("data: ")
+                if data == "[DONE]":
+                    seen["outcome"] = "ok" if seen["outcome"] == "hung" else seen["outcome"]
+                    break
+                event = json.loads(data)
+                if "error" in event:
+                    seen["outcome"] = f"error_event: {event['error'].get('message')}"
+                    continue
+                seen["ids"].add(event["id"])
+                if event.get("usage"):
+                    seen["usage"] = event["usage"]
+                if event["choices"]:
+                    seen["text"] += event["choices"][0]["delta"].get("content") or ""
+    except httpx.TimeoutException:
+        seen["outcome"] = "hung"
+    return seen
+
+
+def _migrations(model: str) -> dict[str, int]:
+    """This app's `modelfleet_migrations` of `model` by outcome, summed over every node's metrics port."""
+    totals: dict[str, int] = {}
+    for labels, value in metric_samples("ray_modelfleet_migrations_total", APP):
+        if labels.get("model") == model:
+            totals[labels["outcome"]] = totals.get(labels["outcome"], 0) + int(value)
+    return totals
+
+
+def _streams_with_a_kill(app: str, sent: int, replicas: int) -> list[dict[str, Any]]:
+    """`sent` greedy streams at concurrency 8; once some are under way, the replica that served the latest one
+    to start is SIGKILLed (while `replicas` of 'llama' run)."""
+    results: dict[int, dict[str, Any]] = {}
     lock = threading.Lock()
-    body_common = {"model": "llama", "max_tokens": 64, "stream": True}
 
     def one(i: int) -> None:
-        chunks, outcome = 0, "hung"
-        body = {**body_common, "messages": [{"role": "user", "content": f"{PROMPT} {i}"}]}
-        try:
-            with httpx.stream(
-                "POST", f"{app}/v1/chat/completions", json=body, timeout=httpx.Timeout(STREAM_DEADLINE_S)
-            ) as response:
-                if response.status_code != 200:
-                    response.read()
-                    outcome = f"http_{response.status_code}: {response.text[:200]}"
-                else:
-                    for line in response.iter_lines():
-                        if not line.startswith("data: "):
-                            continue
-                        data = line.removeprefix("data: ")
-                        if data == "[DONE]":
-                            outcome = "ok" if outcome == "hung" else outcome
-                            break
-                        event = json.loads(data)
-                        if "error" in event:
-                            outcome = "error_event"
-                            continue
-                        if event["choices"] and event["choices"][0]["delta"].get("content"):
-                            chunks += 1
-        except httpx.TimeoutException:
-            outcome = "hung"
+        seen = _greedy_stream(app, i)
         with lock:
-            outcomes[i] = (outcome, chunks)
+            results[i] = seen
 
-    with ThreadPoolExecutor(16) as pool:
+    with ThreadPoolExecutor(8) as pool:
         futures = [pool.submit(one, i) for i in range(sent)]
-        wait_for(lambda: len(outcomes) >= 16, timeout=REQUEST_TIMEOUT_S, message="16 streams done before the kill")
-        victim = _kill_one_replica("llama")
+        wait_for(lambda: len(results) >= 8, timeout=REQUEST_TIMEOUT_S, message="8 streams done before the kill")
+        wait_for(lambda: _running("llama") == replicas, timeout=RESTART_TIMEOUT_S, message="'llama' replicas up")
+        with lock:
+            busy = next(r["replica"] for r in reversed(list(results.values())) if r["replica"])
+        time.sleep(0.5)  # the next streams are under way, their first tokens sent
+        victim = _kill_one_replica("llama", serving=busy)
         for f in futures:
             f.result()
-    counts: dict[str, int] = {}
-    for outcome, _ in outcomes.values():
-        key = outcome if outcome in ("ok", "error_event", "hung") else "http_error"
-        counts[key] = counts.get(key, 0) + 1
-    retried = _retries_since("llama", before, answered=sent)
-    print(
-        f"\nSIGKILL of vLLM replica pid {victim['pid']} during {sent} streams at concurrency 16: {counts}; "
-        f"streams cut before their first token and retried: {retried or 0}"
-    )
-    assert counts.get("hung", 0) == 0, outcomes
-    # A stream cut before its first token never reaches the client as a failure: its response starts only with
-    # the first chunk, so an unretried one would be an HTTP error here.
-    assert "http_error" not in counts, [o for o in outcomes.values() if o[0].startswith("http_")]
-    for outcome, chunks in outcomes.values():
-        if outcome == "error_event":
-            assert chunks >= 1, "a stream ended with an error before any token: it should have been retried"
+    print(f"  killed replica pid {victim['pid']} of {replicas}")
+    return [results[i] for i in range(sent)]
+
+
+def test_streams_cut_by_a_sigkill_go_on_elsewhere_with_the_same_text(app: str) -> None:
+    """Streams whose replica dies mid-way migrate: the same stream id, the same greedy text as without the kill,
+    usage over the whole; with two replicas (to the survivor), then with one (to the restarted replica)."""
+    wait_for(lambda: _running("llama") == 2, timeout=RESTART_TIMEOUT_S, message="two running 'llama' replicas")
+    sent = 40
+    reference = {i: _greedy_stream(app, i) for i in range(sent)}
+    assert all(r["outcome"] == "ok" for r in reference.values()), reference
+    before = _migrations("llama")
+    for replicas in (2, 1):
+        streams = _streams_with_a_kill(app, sent, replicas)
+        failed = [(i, s["outcome"]) for i, s in enumerate(streams) if s["outcome"] != "ok"]
+        wrong = [i for i, s in enumerate(streams) if s["text"] != reference[i]["text"]]
+        pause = max(s["pause_s"] for s in streams)
+        print(
+            f"  {sent} streams at concurrency 8: failed {len(failed)}, text differs {len(wrong)}, "
+            f"longest pause {pause:.1f} s"
+        )
+        assert not failed, failed
+        assert not wrong, [(i, streams[i]["text"], reference[i]["text"]) for i in wrong[:3]]
+        for s in streams:
+            assert len(s["ids"]) == 1, "one stream id across the seam"
+            assert s["usage"]["completion_tokens"] == STREAM_TOKENS, s["usage"]
+            assert s["usage"]["prompt_tokens"] == s["usage"]["total_tokens"] - STREAM_TOKENS
+        if replicas == 2:  # the killed one comes back before the next round
+            wait_for(lambda: _running("llama") == 1, timeout=60, message="the kill seen by Serve")
+
+    def migrated() -> bool:
+        return _migrations("llama").get("migrated", 0) > before.get("migrated", 0)
+
+    wait_for(migrated, timeout=METRICS_TIMEOUT_S, message="no stream was migrated (modelfleet_migrations)")
+    print(f"  migrations: {_migrations('llama')} (before: {before})")
 
 
 def test_the_only_replica_killed_is_waited_for(app: str) -> None:

@@ -123,18 +123,15 @@ def test_tensor_parallel_spec_reserves_one_gpu_bundle_per_worker(
     assert nodes <= {gpu_node}, "every bundle of a STRICT_PACK group sits on the one GPU node"
 
 
-def test_unsatisfiable_spec_is_reported_pending(ray_cluster: int, home: Path, cleanup: list[str]) -> None:
+def test_unsatisfiable_spec_is_reported_pending_and_removed_at_once(
+    ray_cluster: int, home: Path, cleanup: list[str]
+) -> None:
     spec = {"id": "big", "task": "generate", "engine": "echo", "resources": {"num_cpus": 0.5, "num_gpus": 4}}
-    # A replica Serve stops gets its drain time (request_timeout_s + 5 s) even when it never started: a short request
-    # timeout keeps the teardown's delete inside serve.delete's 60 s wait.
-    config = ServingConfig.model_validate(
-        {
-            "name": "big",
-            "route_prefix": "/big",
-            "models": [spec],
-            "router": {"port": ray_cluster, "request_timeout_s": 20},
-        }
-    )
+    small = {"id": "small", "task": "generate", "engine": "echo", "resources": {"num_cpus": 0.25}}
+    # A replica Serve stops may drain for request_timeout_s + 5 s (25 s here), to let its requests finish.
+    router = {"port": ray_cluster, "request_timeout_s": 20}
+    raw = {"name": "big", "route_prefix": "/big", "models": [spec, small], "router": router}
+    config = ServingConfig.model_validate(raw)
     cleanup.append("big")
     with pytest.raises(ClusterError, match=r"cannot be placed: no node can hold \{CPU: 0.5, GPU: 4\}"):
         deploying.deploy(config, STATE, timeout_s=120)
@@ -145,6 +142,13 @@ def test_unsatisfiable_spec_is_reported_pending(ray_cluster: int, home: Path, cl
     assert "GPU: 2" in row.message, "the message says what the nodes offer"
     assert row.replicas.startswith("0/")
     assert rows[("big", "router")].status == "HEALTHY"
+    # Removed from the config: its replica never started, so nothing is drained and it goes at once.
+    deploying.deploy(ServingConfig.model_validate({**raw, "models": [small]}), STATE, timeout_s=120)
+    wait_for(
+        lambda: "replica:big" not in serve.status().applications["big"].deployments,
+        timeout=15,
+        message="the never-started replica of 'big' is waiting out a drain of request_timeout_s + 5 s (25 s)",
+    )
 
 
 def test_status_shows_engine_replicas_and_resources(deploy: Deploy, home: Path) -> None:

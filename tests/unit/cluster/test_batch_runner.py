@@ -170,7 +170,7 @@ def test_cli_batch_needs_a_cluster_with_the_dashboard(
     monkeypatch.setenv("MODELFLEET_HOME", str(tmp_path))
     args = ["--model", "echo", "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "o.jsonl")]
     assert main(["batch", "submit", *args]) == 1
-    assert "modelfleet up --dashboard" in capsys.readouterr().err
+    assert "start one with `modelfleet up`" in capsys.readouterr().err
     assert main(["batch", "status", "batch-123"]) == 1
     with pytest.raises(SystemExit):
         main(["batch", "submit", "--model", "echo"])  # --input and --output are required

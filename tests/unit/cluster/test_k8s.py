@@ -28,6 +28,7 @@ from cluster.k8s.groups import plan_worker_groups
 from cluster.k8s.profile import PROFILES
 from cluster.k8s.rayjob import BATCH_CLAIM, BATCH_MOUNT
 from cluster.k8s.serve_config import IMPORT_PATH
+from cluster.k8s.storage import FILES_MOUNT, files_config
 from deployments.batch.spec import ENTRYPOINT_MODULE, BatchJobSpec
 from deployments.config import ServingConfig, load_config
 from deployments.plan import RAY_ENV, DeploymentPlan, compile_plan
@@ -39,6 +40,8 @@ RENDER = "run `modelfleet render-k8s` (make k8s) and commit k8s/"
 KUBERNETES_VERSION = "1.30.0"
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 OVERLAYS = {o.name: o for o in COMMITTED_OVERLAYS}
+# API groups of Kubernetes itself, whose schemas kubernetes-validate holds ("v1": the core group).
+CORE_GROUPS = {"v1", "policy", "batch", "networking.k8s.io"}
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +53,7 @@ def fresh(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _owned(tree: Path) -> dict[str, str]:
     """The files of a tree that the renderer writes, by relative path."""
-    paths = [tree / "README.md", *tree.glob("*.template.yaml"), *tree.glob("base/*"), *tree.glob("overlays/*/*")]
+    paths = [tree / "README.md", *tree.glob("*.template.yaml"), *tree.glob("base/*"), *tree.glob("overlays/**/*")]
     paths += tree.glob("dashboards/*")
     return {str(p.relative_to(tree)): p.read_text() for p in paths if p.is_file()}
 
@@ -60,13 +63,14 @@ def _docs(path: Path) -> list[dict[str, Any]]:
 
 
 def _objects(tree: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    for path in sorted([*tree.glob("*.yaml"), *tree.glob("base/*.yaml"), *tree.glob("overlays/*/*.yaml")]):
+    for path in sorted([*tree.glob("*.yaml"), *tree.glob("base/*.yaml"), *tree.glob("overlays/**/*.yaml")]):
         for doc in _docs(path):
             yield str(path.relative_to(tree)), doc
 
 
 def _plan(overlay: Overlay) -> DeploymentPlan:
-    return compile_plan(load_config(ROOT / overlay.config))
+    """The plan an overlay runs: its config with `batches.files_dir` on the files claim."""
+    return compile_plan(files_config(load_config(ROOT / overlay.config), overlay.options))
 
 
 def _service(overlay: Overlay) -> dict[str, Any]:
@@ -173,7 +177,7 @@ def test_ray_objects_validate_against_the_kuberay_crds(fresh: Path) -> None:
 @pytest.mark.parametrize("name", sorted(OVERLAYS))
 def test_rayjob_runs_the_batch_entrypoint_on_a_cluster_of_its_own(name: str) -> None:
     (job,) = _docs(K8S / "overlays" / name / "rayjob.yaml")
-    assert job["spec"]["suspend"] is True and job["spec"]["shutdownAfterJobFinishes"] is True
+    assert "suspend" not in job["spec"] and job["spec"]["shutdownAfterJobFinishes"] is True
     python, dash_m, module, spec_json = shlex.split(job["spec"]["entrypoint"])
     assert (dash_m, module) == ("-m", ENTRYPOINT_MODULE)
     spec = BatchJobSpec.model_validate_json(spec_json)
@@ -182,7 +186,7 @@ def test_rayjob_runs_the_batch_entrypoint_on_a_cluster_of_its_own(name: str) -> 
     pods = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
     for pod in (group["template"]["spec"] for group in pods):
         assert {"name": "batch-files", "persistentVolumeClaim": {"claimName": BATCH_CLAIM}} in pod["volumes"]
-        assert all("readinessProbe" not in c for c in pod["containers"])
+        assert {"name": "batch-files", "mountPath": BATCH_MOUNT} in pod["containers"][0]["volumeMounts"]
 
 
 @pytest.mark.parametrize(
@@ -227,8 +231,8 @@ def test_nulls_are_dropped_and_defaults_applied_before_validating() -> None:
 
 
 def test_core_objects_validate_with_kubernetes_schemas(fresh: Path) -> None:
-    core = [(path, doc) for path, doc in _objects(fresh) if "/" not in doc["apiVersion"]]
-    assert {doc["kind"] for _, doc in core} == {"Secret", "ConfigMap"}
+    core = [(path, doc) for path, doc in _objects(fresh) if doc["apiVersion"].split("/")[0] in CORE_GROUPS]
+    assert {"Secret", "ConfigMap", "PodDisruptionBudget"} <= {doc["kind"] for _, doc in core}
     # Each Ray pod template, as a core PodTemplate: the pod spec as Kubernetes itself defines it.
     for overlay in COMMITTED_OVERLAYS:
         cluster = _service(overlay)["spec"]["rayClusterConfig"]
@@ -324,6 +328,10 @@ def test_serve_config_deploys_the_same_plan(name: str) -> None:
     args = ServingConfig.model_validate(app.args)
     rendered_from = _plan(overlay)
     assert args == rendered_from.config
+    # The config as written, but for the files folder: on the files claim that every pod mounts.
+    written = load_config(ROOT / overlay.config)
+    assert args.model_copy(update={"batches": written.batches}) == written
+    assert str(args.batches.files_dir).startswith(FILES_MOUNT + "/")
     assert (app.name, app.route_prefix, schema.http_options.port) == (args.name, args.route_prefix, args.router.port)
     in_cluster = compile_plan(args)  # what build_app compiles from `args`
     assert in_cluster == rendered_from
@@ -367,38 +375,50 @@ def test_cpu_profile_workers_compute_unbound_on_their_ray_cpus() -> None:
     assert env["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
     assert _plan(OVERLAYS["cpu-dev"]).engine_cpus is None
     resources = worker["template"]["spec"]["containers"][0]["resources"]
-    assert resources["requests"] == resources["limits"]
+    guaranteed = ("cpu", "memory")  # Guaranteed QoS: requests equal limits for both
+    assert {k: resources["requests"][k] for k in guaranteed} == resources["limits"]
     assert worker["rayStartParams"]["num-cpus"] == resources["limits"]["cpu"]
 
 
-def test_readiness_waits_for_the_models_on_workers_only() -> None:
+def test_readiness_is_kuberays_per_node_probe() -> None:
+    # No probe of ours on any Ray container: KubeRay's default makes a worker ready while its raylet and its Serve
+    # proxy's /-/healthz (on the port named `serve`) answer; /readyz is the whole app's, 503 while a model lacks a
+    # replica, and would take every node out of the Service at once.
     for overlay in COMMITTED_OVERLAYS:
         service = _service(overlay)
-        head, *workers = _ray_containers(service)
-        assert "readinessProbe" not in head  # KubeRay sends the Serve config only once the head is ready
-        for container in workers:
-            probe = container["readinessProbe"]["httpGet"]
-            assert probe == {"path": "/readyz", "port": "serve"}
+        for container in _ray_containers(service):
+            assert "readinessProbe" not in container and "livenessProbe" not in container
             assert {"name": "serve", "containerPort": _plan(overlay).config.router.port} in container["ports"]
+        assert "/readyz" not in json.dumps(service["spec"]["rayClusterConfig"])
 
 
 # -- kustomize ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", sorted(OVERLAYS))
-def test_overlay_builds_with_kubectl_kustomize(name: str) -> None:
+@pytest.mark.parametrize("folder", sorted([*OVERLAYS, *(f"{name}/storage" for name in OVERLAYS)]))
+def test_overlay_builds_with_kubectl_kustomize(folder: str) -> None:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.fail(
-            "kubectl is not installed, so the k8s/ overlays cannot be built: `make test` installs Debian's "
-            "kubernetes-client as root (or: apt-get install kubernetes-client; any kubectl >= 1.20 works)"
+            "kubectl is not installed, so the k8s/ overlays cannot be built: install kubectl >= 1.21 "
+            "(https://kubernetes.io/docs/tasks/tools/)"
         )
+    version = json.loads(subprocess.run([kubectl, "version", "--client", "-o", "json"], capture_output=True).stdout)
+    minor = int(version["clientVersion"]["minor"].rstrip("+"))
+    if minor < 21:
+        # kubectl 1.20 (Debian 12's kubernetes-client) embeds kustomize 2.0.3, which reads a directory only under
+        # the deprecated `bases:`.
+        pytest.fail(f"kubectl 1.{minor} cannot build overlays that list their base under resources: use >= 1.21")
     done = subprocess.run(
-        [kubectl, "kustomize", str(K8S / "overlays" / name)], capture_output=True, text=True, timeout=120
+        [kubectl, "kustomize", str(K8S / "overlays" / folder)], capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr
     built = [d for d in yaml.load_all(done.stdout, Loader=_Loader) if d is not None]
-    expected = [doc for path, doc in _objects(K8S) if path.startswith(("base/", f"overlays/{name}/"))]
+    # What the kustomization lists, and the base for an overlay: the RayJob is left out on purpose.
+    (kustomization,) = _docs(K8S / "overlays" / folder / "kustomization.yaml")
+    listed = [f"overlays/{folder}/{r}" for r in kustomization["resources"] if r.endswith(".yaml")]
+    with_base = ("base/",) if "../../base" in kustomization["resources"] else ()
+    expected = [doc for path, doc in _objects(K8S) if path in listed or path.startswith(with_base)]
     expected = [d for d in expected if d.get("kind") != "Kustomization"]
 
     def key(d: dict[str, Any]) -> tuple[str, str]:
@@ -429,9 +449,10 @@ def test_gpu_group_is_sized_from_the_plan_bundles() -> None:
     assert {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
     assert (gpu["minReplicas"], gpu["maxReplicas"]) == (1, 2)  # the model's scaling, one replica per pod
     # The weights claim only where a replica reads from it; no GPUs on the CPU group or the head.
-    assert [v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]] == ["modelfleet-weights"]
+    claims = [v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v]
+    assert claims == ["modelfleet-weights", "modelfleet-batch"]
     cpu_pod = workers["cpu"]["template"]["spec"]
-    assert "volumes" not in cpu_pod and "tolerations" not in cpu_pod
+    assert [v["name"] for v in cpu_pod["volumes"]] == ["batch-files"] and "tolerations" not in cpu_pod
     for container in _ray_containers(service):
         if container is not pod["containers"][0]:
             assert GPU_RESOURCE not in container["resources"]["limits"]
@@ -527,7 +548,8 @@ def test_app_name_must_be_a_rayservice_name() -> None:
 
 def test_render_k8s_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = ROOT / "deployments" / "configs" / "gpu.yaml"
-    args = ["render-k8s", str(config), "--profile", "gpu", "--weights-pvc", "w", "--out", str(tmp_path)]
+    args = ["render-k8s", str(config), "--profile", "gpu", "--weights-pvc", "w", "--files-pvc", "f"]
+    args += ["--out", str(tmp_path)]
     assert main([*args, "--overlay", "mine", "--image", "registry.example/mf:1"]) == 0
     written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
     assert written == [
@@ -537,9 +559,14 @@ def test_render_k8s_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
         "dashboards/modelfleet-cluster.json",
         "dashboards/modelfleet-model.json",
         "dashboards/modelfleet-overview.json",
+        "overlays/mine/head-pdb.yaml",
         "overlays/mine/kustomization.yaml",
         "overlays/mine/rayjob.yaml",
         "overlays/mine/rayservice.yaml",
+        "overlays/mine/storage/files-pvc.yaml",
+        "overlays/mine/storage/kustomization.yaml",
+        "overlays/mine/storage/weights-fill.yaml",
+        "overlays/mine/storage/weights-pvc.yaml",
         "ray-auth-secret.template.yaml",
     ]
     assert "wrote" in capsys.readouterr().out

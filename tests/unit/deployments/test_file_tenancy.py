@@ -4,6 +4,7 @@ batch's result files inherit (no Ray; the HTTP side is in tests/integration/test
 from __future__ import annotations
 
 import io
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 from deployments.api import batches, files
 from deployments.auth import Tenant
 from deployments.auth.keys import bind_tenant
+from deployments.auth.limits import KeyLimits, QuotaState, bind_request
 from deployments.batch.store import FileStore, new_batch_id, new_file_id
 from deployments.config import BatchesConfig
 
@@ -91,3 +93,33 @@ def test_batches_and_their_results_belong_to_the_key_that_made_them(store: FileS
         files._get(output.id)
     _as(None)
     assert {b["id"] for b in batches._list(20, None)["data"]} == {mine["id"], theirs["id"]}
+
+
+class _Charges:
+    """The router's quota client, down to the store's own bucket logic (`QuotaState`) in this process."""
+
+    def __init__(self) -> None:
+        self.state = QuotaState(clock=lambda: 0.0)
+
+    def charge(self, tenant: Tenant, tokens: int) -> None:
+        self.state.charge(tenant.name, KeyLimits.of(tenant), tokens)
+
+
+def test_a_finished_batchs_tokens_are_charged_to_its_key_once(store: FileStore) -> None:
+    store.add(io.BytesIO(b""), filename="ready", purpose="batch", max_bytes=1024)  # the folders exist
+    record = _ended(store, "a")
+    output = record["files"]["output_file_id"]  # type: ignore[index]
+    usage = [{"prompt_tokens": 30, "completion_tokens": 12}, {"prompt_tokens": 20, "completion_tokens": 8}]
+    lines = [json.dumps({"custom_id": str(i), "response": {"body": {"usage": u}}}) for i, u in enumerate(usage)]
+    store.content_path(output).write_text("\n".join([*lines, '{"custom_id": "x", "response": null}', "garbage"]))
+    charges = _Charges()
+    tenant = Tenant(name="a", tpm=1000, tokens_per_day=100)
+    bind_request(tenant, charges)  # type: ignore[arg-type]
+    try:
+        for _ in range(3):  # retrieved again, or finalised by another router replica: charged once
+            batches._charge_once(store, {**record, "output_file_id": output})
+    finally:
+        bind_request(None, None)
+    buckets = charges.state._keys["a"]  # 50 prompt + 20 completion tokens, charged once
+    assert buckets.tokens is not None and buckets.tokens.level == 1000 - 70
+    assert buckets.day is not None and buckets.day.level == 100 - 70

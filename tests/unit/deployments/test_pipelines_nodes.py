@@ -11,7 +11,8 @@ import pytest
 from deployments.engines.protocol import ChatMessage, Classification, GenerateRequest
 from deployments.errors import InvalidRequestError
 from deployments.pipelines import nodes
-from deployments.pipelines.retrieval import PassageIndex, load_passages
+from deployments.pipelines.documents import load_passages
+from deployments.pipelines.retrieval import PassageIndex
 from deployments.pipelines.spec import PipelineSpec
 
 

@@ -331,3 +331,66 @@ def test_merges_that_do_not_fit_the_task_are_refused(tmp_path: Path) -> None:
             },
         )
     assert "pipelines.0.classifier: 'chat-a' serves task 'generate'" in str(info.value)
+
+
+def _rag_config(documents: str) -> str:
+    return (
+        "models:\n  - {id: chat, task: generate, engine: echo}\n  - {id: emb, task: embed, engine: echo}\n"
+        "pipelines:\n  - id: rag\n    kind: sequence\n    model: chat\n    template: '{passages} {question}'\n"
+        f"    retrieve: {{model: emb, documents: {documents}}}\n"
+    )
+
+
+def test_documents_are_read_at_load_relative_to_the_config_file_and_travel_in_the_config(tmp_path: Path) -> None:
+    (tmp_path / "conf" / "docs").mkdir(parents=True)
+    (tmp_path / "conf" / "docs" / "a.md").write_text("# Facts\n\nThe sky is green.\n\nWater is dry.\n")
+    path = tmp_path / "conf" / "c.yaml"
+    path.write_text(_rag_config("docs"))
+    config = load_config(path)
+    retrieve = config.pipelines[0].retrieve
+    assert retrieve is not None and retrieve.passages == ("The sky is green.", "Water is dry.")
+    # Validated again elsewhere (Serve's args, a pod's serveConfigV2), the passages come with it: no file is read.
+    (tmp_path / "conf" / "docs" / "a.md").unlink()
+    again = ServingConfig.model_validate(json.loads(config.model_dump_json()))
+    assert again.pipelines[0].retrieve == retrieve
+    plan = compile_plan(again)
+    assert plan.pipelines[0].spec.retrieve is not None
+    assert plan.pipelines[0].spec.retrieve.passages == ("The sky is green.", "Water is dry.")
+
+
+def test_a_relative_document_path_falls_back_to_the_project_root(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(_rag_config("docs/rag"))
+    retrieve = load_config(path).pipelines[0].retrieve
+    assert retrieve is not None and any("Bellmarrow" in p for p in retrieve.passages or ())
+
+
+def test_a_missing_or_empty_document_set_fails_the_load_naming_the_field_and_path(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(_rag_config("gone"))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert "pipelines.0.retrieve: `documents` 'gone' does not exist" in message
+    assert str(tmp_path / "gone") in message and str(ROOT / "gone") in message
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.json").write_text("{}")
+    path.write_text(_rag_config("empty"))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert f"`documents` 'empty': {tmp_path / 'empty'} holds no passages" in str(info.value)
+    path.write_text(_rag_config(str(tmp_path / "empty")).replace("documents:", "max_passages: 0, documents:"))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert "max_passages" in str(info.value)
+
+
+def test_passages_may_be_given_inline_and_not_empty() -> None:
+    base = {"id": "q", "kind": "sequence", "template": "{passages}{question}", "model": "chat-a"}
+    config = _config({**base, "retrieve": {"model": "emb-a", "passages": ["one", "two"]}})
+    assert config.pipelines[0].retrieve is not None and config.pipelines[0].retrieve.passages == ("one", "two")
+    assert "give `documents`" in _refused({**base, "retrieve": {"model": "emb-a"}})
+    assert "`passages` is empty" in _refused({**base, "retrieve": {"model": "emb-a", "passages": []}})
+    assert "above `max_passages` 1" in _refused(
+        {**base, "retrieve": {"model": "emb-a", "passages": ["a", "b"], "max_passages": 1}}
+    )

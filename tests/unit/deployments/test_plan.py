@@ -147,6 +147,13 @@ def test_cpu_engine_kwargs_become_engine_args() -> None:
     assert plan_engine(_vllm(engine_kwargs={"kv_cache_memory_bytes": 5})).kwargs["kv_cache_memory_bytes"] == 5
 
 
+def test_vllms_own_metrics_label_the_model_as_every_modelfleet_metric_does() -> None:
+    """`model_name` of ray_vllm_* is `id@version`, the `model` label of the router's and the replicas' series."""
+    spec = _vllm(version="2")
+    assert plan_engine(spec).kwargs["served_model_name"] == spec.versioned_id == "m@2"
+    assert plan_engine(_vllm()).kwargs["served_model_name"] == "m"
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

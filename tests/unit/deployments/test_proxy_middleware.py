@@ -14,6 +14,8 @@ from starlette.types import Receive, Scope, Send
 
 from deployments.api.proxy_middleware import (
     CALLBACK_IMPORT_PATH,
+    MAX_HEADER_BYTES,
+    MAX_HEADERS,
     PROXY_ENV,
     HeaderCheckMiddleware,
     proxy_middlewares,
@@ -84,3 +86,22 @@ def test_serve_calls_the_callback_the_env_names() -> None:
     assert CALLBACK_IMPORT_PATH == PROXY_ENV["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"]
     middlewares = validate_http_proxy_callback_return(call_function_from_import_path(CALLBACK_IMPORT_PATH))
     assert [m.cls for m in middlewares] == [HeaderCheckMiddleware]
+
+
+@pytest.mark.parametrize(
+    ("headers", "what"),
+    [
+        ({f"x-h{i}": "v" for i in range(MAX_HEADERS + 1)}, "headers; at most"),
+        ({"x-big": "a" * MAX_HEADER_BYTES}, "bytes; at most"),
+    ],
+)
+def test_too_many_or_too_large_headers_get_a_431_in_the_openai_body(headers: dict[str, str], what: str) -> None:
+    response = _get(headers)
+    assert response.status_code == 431, response.text
+    error = response.json()["error"]
+    assert error["code"] == "request_header_fields_too_large" and what in error["message"], error
+
+
+def test_headers_within_the_bounds_pass() -> None:
+    response = _get({"authorization": "Bearer " + "k" * 16_000, **{f"x-h{i}": "v" for i in range(60)}})
+    assert response.status_code == 200, response.text

@@ -8,7 +8,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError,
 from ray.serve.exceptions import BackPressureError
 
 from deployments.errors import EngineDeadError, EngineError, InvalidRequestError, OverloadedError
-from deployments.router import _mapped, _may_retry, _ReplicaLostError
+from deployments.failures import ReplicaLostError, map_failure, may_retry
 
 
 @pytest.mark.parametrize(
@@ -21,8 +21,8 @@ from deployments.router import _mapped, _may_retry, _ReplicaLostError
     ],
 )
 def test_a_lost_replica_is_retriable_and_still_a_503(failure: RayTaskError | RayActorError, reason: str) -> None:
-    mapped = _mapped(failure)
-    assert isinstance(mapped, _ReplicaLostError) and mapped.reason == reason
+    mapped = map_failure(failure)
+    assert isinstance(mapped, ReplicaLostError) and mapped.reason == reason
     assert isinstance(mapped, EngineDeadError) and mapped.status_code == 503
 
 
@@ -35,11 +35,11 @@ def test_a_lost_replica_is_retriable_and_still_a_503(failure: RayTaskError | Ray
     ],
 )
 def test_an_answer_or_a_refusal_is_not_retried(failure: RayTaskError, kind: type[Exception]) -> None:
-    mapped = _mapped(failure)
-    assert type(mapped) is kind and not isinstance(mapped, _ReplicaLostError)
+    mapped = map_failure(failure)
+    assert type(mapped) is kind and not isinstance(mapped, ReplicaLostError)
 
 
 def test_retries_stop_after_max_retries_or_when_the_time_is_up() -> None:
-    assert [_may_retry(attempt, 2, 10.0) for attempt in (1, 2, 3)] == [True, True, False]
-    assert not _may_retry(1, 0, 10.0)  # max_retries 0: never
-    assert not _may_retry(1, 5, 0.0)
+    assert [may_retry(attempt, 2, 10.0) for attempt in (1, 2, 3)] == [True, True, False]
+    assert not may_retry(1, 0, 10.0)  # max_retries 0: never
+    assert not may_retry(1, 5, 0.0)
