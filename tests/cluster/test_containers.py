@@ -39,8 +39,9 @@ ROOT = Path(__file__).resolve().parents[2]
 OVERLAY = ROOT / "k8s" / "overlays" / "cpu-dev" / "rayservice.yaml"
 DASHBOARD_PORT = 8265
 WORKERS = 2
-# The pods' CPU limits are scaled down to this machine's cores together; memory is halved (3 GiB at least), which
-# still holds a SmolLM2 engine and MiniLM on one worker.
+# The pods' CPU limits are scaled alike so that the largest pod gets this machine's cores (all three together
+# would leave the head a fifth of a core, too little to start Ray within its 60 s deadlines on a busy machine);
+# memory is halved (3 GiB at least), which still holds a SmolLM2 engine and MiniLM on one worker.
 CORES = 2.0
 MEMORY_SCALE = 0.5
 MEMORY_FLOOR = 3 * 2**30
@@ -88,6 +89,26 @@ def _run(podman: list[str], *args: str, timeout: float = 120) -> str:
     return proc.stdout.strip()
 
 
+def _volumes(run_id: str, pod: dict[str, Any], container: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """Stand-ins for the container's volumes: a claim is a podman volume shared by every container that mounts it
+    (as a ReadWriteMany claim), an emptyDir one of the container's own; with an fsGroup, owned by the container's
+    user as the kubelet's fsGroup makes it writable. Returns the flags and the names of the claims' volumes."""
+    by_name = {volume["name"]: volume for volume in pod.get("volumes", [])}
+    chown = ":U" if "fsGroup" in pod.get("securityContext", {}) else ""
+    flags, claims = [], []
+    for mount in container.get("volumeMounts", []):
+        volume = by_name[mount["name"]]
+        if "persistentVolumeClaim" in volume:
+            name = f"mf-ct-{run_id}-{volume['persistentVolumeClaim']['claimName']}"
+            flags.append(f"--volume={name}:{mount['mountPath']}{chown}")
+            claims.append(name)
+        elif "emptyDir" in volume:
+            flags.append(f"--volume={mount['mountPath']}{chown}")
+        else:
+            pytest.fail(f"no stand-in for the volume {volume}: add one to {Path(__file__).name}")
+    return flags, claims
+
+
 def _user(pod: dict[str, Any], container: dict[str, Any]) -> list[str]:
     """The pod's runAsUser/runAsGroup (the container's own win), as a kubelet applies them; none: the image's."""
     context = {**pod.get("securityContext", {}), **container.get("securityContext", {})}
@@ -124,10 +145,8 @@ def pods(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pods]:
     image = head_container["image"]
     if subprocess.run([*podman, "image", "exists", image]).returncode != 0:
         pytest.fail(f"the image {image} is not built: make base-image && make image BASE=local (docs/production.md)")
-    total_cpus = quantity(head_container["resources"]["limits"]["cpu"]) + WORKERS * quantity(
-        worker_container["resources"]["limits"]["cpu"]
-    )
-    cpu_scale = CORES / total_cpus
+    largest = max(quantity(c["resources"]["limits"]["cpu"]) for c in (head_container, worker_container))
+    cpu_scale = CORES / largest
 
     run_id = uuid.uuid4().hex[:8]
     network, secret, head = f"mf-ct-{run_id}", f"mf-ct-{run_id}-auth", f"mf-ct-{run_id}-head"
@@ -162,7 +181,13 @@ def pods(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pods]:
             }
             if node_type == "worker":
                 env |= {"FQ_RAY_IP": head, "RAY_IP": head}
+            volumes, claims = _volumes(run_id, spec["template"]["spec"], container)
+            for claim in claims:
+                if ("volume", "rm", "--force", claim) not in created:
+                    _run(podman, "volume", "create", claim)
+                    created.append(("volume", "rm", "--force", claim))
             pod = [
+                *volumes,
                 "--network",
                 network,
                 *_user(spec["template"]["spec"], container),
@@ -172,7 +197,7 @@ def pods(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pods]:
                 *[f"--env={key}={value}" for key, value in env.items()],
             ]
             if node_type == "worker":
-                created.append(("rm", "--force", "--time", "0", f"{name}-init"))
+                created.append(("rm", "--force", "--volumes", "--time", "0", f"{name}-init"))
                 _run(
                     podman,
                     "run",
@@ -184,7 +209,7 @@ def pods(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pods]:
                     timeout=INIT_TIMEOUT_S,
                 )
             ports = [DASHBOARD_PORT, DEFAULT_SERVE_PORT] if node_type == "head" else [DEFAULT_SERVE_PORT]
-            created.append(("rm", "--force", "--time", "10", name))
+            created.append(("rm", "--force", "--volumes", "--time", "10", name))
             _run(
                 podman,
                 "run",
@@ -232,7 +257,13 @@ def _app_status(pods: Pods, headers: dict[str, str]) -> str:
     apps = body.get("applications") or {}
     statuses = {name: app.get("status") for name, app in apps.items()}
     if any(status == "DEPLOY_FAILED" for status in statuses.values()):
-        pytest.fail(f"Serve failed to deploy: {json.dumps(apps)[:3000]}\n{pods.logs()}")
+        messages = {
+            f"{app_name}/{name}": deployment.get("message")
+            for app_name, app in apps.items()
+            for name, deployment in (app.get("deployments") or {}).items()
+            if deployment.get("status") != "HEALTHY"
+        }
+        pytest.fail(f"Serve failed to deploy: {json.dumps(messages, indent=1)[-6000:]}\n{pods.logs()}")
     return "RUNNING" if statuses and all(s == "RUNNING" for s in statuses.values()) else ""
 
 
@@ -261,6 +292,10 @@ def test_the_rendered_service_answers_through_every_proxy(pods: Pods) -> None:
     assert put.status_code == 200, put.text
     _wait("the Serve app RUNNING", pods, lambda: _app_status(pods, headers), deadline)
     _wait("the head's proxy ready", pods, lambda: _ready(pods.head_proxy), deadline)
+    models = {m["id"]: m for m in pods.serve_config["applications"][0]["args"]["models"]}
+    chat_model = next(i for i, m in models.items() if m["task"] == "generate")
+    embed_model = next(i for i, m in models.items() if m["task"] == "embed")
+    _answers(pods.head_proxy, chat_model, embed_model)
     # Serve runs a proxy on the nodes that hold replicas: at least one worker does.
     worker = _wait(
         "a worker's proxy ready",
@@ -268,16 +303,16 @@ def test_the_rendered_service_answers_through_every_proxy(pods: Pods) -> None:
         lambda: next((url for url in pods.worker_proxies if _ready(url)), None),
         deadline,
     )
-    models = {m["id"]: m for m in pods.serve_config["applications"][0]["args"]["models"]}
-    chat_model = next(i for i, m in models.items() if m["task"] == "generate")
-    embed_model = next(i for i, m in models.items() if m["task"] == "embed")
-    for base in (pods.head_proxy, worker):
-        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", timeout=120, max_retries=0)
-        chat = client.chat.completions.create(
-            model=chat_model, messages=[{"role": "user", "content": QUESTION}], max_tokens=16, temperature=0
-        )
-        # Greedy SmolLM2 answers this one the same every time.
-        assert "Paris" in (chat.choices[0].message.content or ""), chat
-        assert chat.usage is not None and chat.usage.completion_tokens > 0
-        embedding = client.embeddings.create(model=embed_model, input=["a container", "a pod"])
-        assert len(embedding.data) == 2 and len(embedding.data[0].embedding) == 384
+    _answers(worker, chat_model, embed_model)
+
+
+def _answers(base: str, chat_model: str, embed_model: str) -> None:
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", timeout=120, max_retries=0)
+    chat = client.chat.completions.create(
+        model=chat_model, messages=[{"role": "user", "content": QUESTION}], max_tokens=16, temperature=0
+    )
+    # Greedy SmolLM2 answers this one the same every time.
+    assert "Paris" in (chat.choices[0].message.content or ""), chat
+    assert chat.usage is not None and chat.usage.completion_tokens > 0
+    embedding = client.embeddings.create(model=embed_model, input=["a container", "a pod"])
+    assert len(embedding.data) == 2 and len(embedding.data[0].embedding) == 384
