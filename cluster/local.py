@@ -33,11 +33,13 @@ _STATE_FILE = "cluster.json"
 # 2). No modelfleet actor can use them: Serve's controller, proxy and replicas all run in the job's runtime_env
 # (the repo as working_dir), which an idle worker lacks. They only took both cores, and both worker-start slots,
 # while the controller's own worker started (issue 14).
-_STARTUP_ENV = {"RAY_prestart_worker_first_driver": "0"}
+# Serve's controller kills a proxy that is not ready 5 s after its actor was created, and the deploy waiting for it
+# fails: on a loaded 2-core machine, with the dashboard's processes starting too, the proxy's worker took longer.
+_STARTUP_ENV = {"RAY_prestart_worker_first_driver": "0", "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30"}
 #: The environment every Ray process of a local cluster gets (besides its ingress' and its token): the plan's
 #: `RAY_ENV`; Serve's proxy answering undecodable headers with a 400 (deployments.api.proxy_middleware); its
-#: processes dialling each other on 127.0.0.1 (see cluster/__init__.py); no idle workers at start. The bench's
-#: cluster gets it too.
+#: processes dialling each other on 127.0.0.1 (see cluster/__init__.py); no idle workers at start, and time for the
+#: proxy to start. The bench's cluster gets it too.
 CLUSTER_ENV = {**RAY_ENV, **PROXY_ENV, **LOCAL_ONLY_ENV, **_STARTUP_ENV}
 # Ray puts unix sockets at <temp dir>/session_<date>_<time>_<usec>_<pid>/sockets/<name>; the longest name is the
 # dashboard's (dash_MetricsHead): 69 more bytes with a 7-digit pid, within the 107 of a unix socket path, and a
