@@ -51,7 +51,9 @@ class StreamProgress:
 
     def relay(self, chunk: GenerateChunk) -> tuple[GenerateChunk, bool]:
         """Record a chunk of the current attempt and return it as the client sees it (usage over the whole stream),
-        and whether the stream ends with it (a stop string that straddles the seam ends it here)."""
+        and whether the router ends the stream here (a stop string that straddles the seam, which the engine could
+        not see: its replica goes on until cancelled). A chunk with the engine's own finish is not such an end: the
+        replica's stream closes by itself after it."""
         if chunk.token_ids is None:
             self._ids_known = False
         else:
@@ -59,7 +61,7 @@ class StreamProgress:
         if self._prompt_tokens is None:
             self._prompt_tokens = chunk.prompt_tokens
         self._completion_tokens = self._offset + chunk.completion_tokens
-        ended = chunk.finish_reason is not None
+        ended = False
         if self.migrations:
             update: dict[str, object] = {
                 "prompt_tokens": self._prompt_tokens,

@@ -38,7 +38,8 @@ def test_the_continuation_carries_the_relayed_ids_and_what_is_left_to_generate()
     assert isinstance(again, GenerateRequest) and again.continuation == (11, 12, 13, 14)
     assert again.sampling.max_tokens == 6 and progress.migrations == 2
     last, ended = progress.relay(_chunk("", (15,), 7, 1, "length"))
-    assert ended and (last.prompt_tokens, last.completion_tokens) == (3, 5)
+    assert not ended, "the engine's own finish: its replica's stream closes by itself"
+    assert (last.prompt_tokens, last.completion_tokens, last.finish_reason) == (3, 5, "length")
 
 
 def test_a_stream_with_nothing_left_ends_with_its_last_chunk() -> None:
